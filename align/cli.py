@@ -1,0 +1,81 @@
+"""The ``align`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .pipeline import report, run
+
+    pipe = load_config(args.config, args.overrides)
+    results = run(pipe)
+    table = report(results)
+    if table:
+        print(table)
+    last = list(results.values())[-1] if results else {}
+    if last.get("final_model"):
+        print(f"run directory: {pipe.run_dir}")
+    return 0
+
+
+def _cmd_losses(args) -> int:
+    from .introspect import describe_losses
+
+    print(describe_losses(args.name))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    written = plot_run(args.run_dir)
+    if not written:
+        print(f"no metrics.jsonl under {args.run_dir}", file=sys.stderr)
+        return 1
+    for p in written:
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align", description="Post-training for language models: SFT, preference "
+                                "optimisation and reward-driven RL on one trainer.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config (one stage or a pipeline of stages)")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4 loss.beta=0.2")
+    t.set_defaults(fn=_cmd_train)
+
+    l = sub.add_parser("losses", help="list registered losses with their options")
+    l.add_argument("name", nargs="?", help="show only this loss")
+    l.set_defaults(fn=_cmd_losses)
+
+    pl = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
+    pl.add_argument("run_dir")
+    pl.set_defaults(fn=_cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "torch", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from .configio import ConfigError
+    from .data import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

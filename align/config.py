@@ -1,0 +1,283 @@
+"""The run configuration: one YAML file, typed dataclasses, a comment on every field.
+
+A config is a mapping of sections (``model``, ``data``, ``loss``, ``train``, ``engine``, ``rollout``, ``eval``,
+``backend``, ``log``). ``stages:`` turns it into a pipeline: every stage is the top-level config with that stage's
+keys merged over it, and starts from the previous stage's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .configio import ConfigError, apply_override, deep_merge, from_dict, load_yaml, parse_override, suggest
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the random Llama-style model built offline when ``model.name: tiny``."""
+
+    hidden_size: int = 128  # width of the residual stream
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 2  # attention heads (head_dim 64 so vLLM's CPU backend accepts the model)
+    head_dim: int = 64  # per-head width
+    intermediate_size: int = 512  # MLP width
+    max_position_embeddings: int = 512  # longest sequence the model accepts
+    tie_word_embeddings: bool = True  # share the input embedding and the LM head
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a local folder, a hub id (when the network allows) or "tiny" (random model + char tokenizer)
+    tokenizer: str | None = None  # tokenizer folder / hub id when it differs from `name`
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights and the forward pass
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repository
+    attn_implementation: str | None = "sdpa"  # "sdpa", "eager", "flash_attention_2", or null for the default
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    chunk_tokens: int = 1024  # tokens per chunk of the chunked LM head / log-softmax (memory vs. speed)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only used when name is "tiny"
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # training data: json/jsonl/parquet file(s) (comma-separated) or a hub dataset name
+    format: Literal["auto", "messages", "prompt_completion", "preference", "prompt", "text"] = "auto"  # row format
+    split: str = "train"  # split to read from a hub dataset or a multi-split file
+    limit: int | None = None  # use at most this many rows (after reading, before shuffling)
+    max_length: int = 1024  # longest tokenised sequence (prompt + completion); longer completions are cut
+    max_prompt_length: int | None = None  # rows whose prompt is longer are skipped (and counted); null: max_length - 1
+    chat_template: Literal["auto", "always", "never"] = "auto"  # auto: chat rows use the template, plain strings not
+    shuffle: bool = True  # reshuffle the training rows every epoch (seeded)
+
+
+@dataclass
+class LossConfig:
+    """``loss: dpo`` or ``loss: {name: dpo, beta: 0.1, ...}``; keys other than ``name`` are the loss's options."""
+
+    name: str = "sft"  # a registered loss (see `align losses`) or "package.module:Class" for your own
+    options: dict = field(default_factory=dict)  # the loss's own options, checked against its Options dataclass
+
+    @classmethod
+    def __from_dict__(cls, data: dict, where: str) -> dict:
+        options = {k: v for k, v in data.items() if k not in ("name", "options")}
+        options.update(data.get("options") or {})
+        return {"name": data.get("name", "sft"), "options": options}
+
+    def __to_dict__(self, out: dict) -> dict:
+        return {"name": self.name, **self.options}
+
+    def check(self, where: str) -> None:
+        build_loss(self, where or "loss")  # unknown loss / option / bad value → ConfigError now, before any model
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; null: derived from `epochs` and the data size
+    epochs: float = 1.0  # passes over the training data when `steps` is null
+    batch_size: int = 32  # examples (sequences, pairs or prompts) per optimizer step
+    micro_batch_size: int = 8  # examples per forward/backward; gradients accumulate up to batch_size
+    micro_batch_tokens: int | None = None  # instead: a padded-token budget per micro-batch (length-grouped)
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
+    grad_clip: float | None = 1.0  # clip the global gradient norm to this; null disables
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # how many step checkpoints to keep (the final model is always kept)
+    log_every: int = 1  # write metrics every N optimizer steps
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a NaN/Inf loss or gradient
+
+    def check(self, where: str) -> None:
+        for name in ("batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ConfigError(f"{where}.micro_batch_tokens must be positive or null")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive, got {self.lr}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"{where}.steps must be at least 1 or null")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"{where}.adam_betas must hold two numbers")
+
+
+@dataclass
+class EngineConfig:
+    """The generation engine shared by evaluation and rollouts."""
+
+    name: Literal["hf", "vllm"] = "hf"  # hf: transformers generate (any machine); vllm: in-process vLLM
+    batch_size: int = 64  # hf: prompts per generate() call
+    options: dict = field(default_factory=dict)  # extra keyword arguments for the engine (e.g. vllm.LLM kwargs)
+
+
+@dataclass
+class RewardSpec:
+    """One reward term: ``{name: exact_match}`` or ``{name: my_pkg.rewards:score, weight: 0.5, ...}``."""
+
+    name: str = "exact_match"  # a built-in reward (`align rewards`) or "package.module:function"
+    weight: float = 1.0  # weight in the sum of reward terms
+    options: dict = field(default_factory=dict)  # the reward's own keyword options
+
+    @classmethod
+    def __from_dict__(cls, data: dict, where: str) -> dict:
+        options = {k: v for k, v in data.items() if k not in ("name", "weight", "options")}
+        options.update(data.get("options") or {})
+        out = {"name": data.get("name", "exact_match"), "options": options}
+        if "weight" in data:
+            out["weight"] = data["weight"]
+        return out
+
+    def __to_dict__(self, out: dict) -> dict:
+        return {"name": self.name, "weight": self.weight, **self.options}
+
+
+@dataclass
+class EvalConfig:
+    """Generation-based evaluation on held-out prompts (+answers), before/after training and every N steps."""
+
+    prompts: str | None = None  # held-out prompt(+answer) file; null disables evaluation
+    limit: int | None = None  # evaluate on at most this many prompts
+    n: int = 1  # samples per prompt (pass@k is reported for k = 1 and k = n)
+    temperature: float = 0.0  # 0: greedy
+    max_new_tokens: int = 32  # generation budget per sample
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # scored rewards; the first is "accuracy"
+    every: int = 0  # evaluate every N optimizer steps (0: only before and after training)
+    before: bool = True  # evaluate the initial model too
+
+
+@dataclass
+class BackendConfig:
+    name: Literal["torch"] = "torch"  # torch: one process, CPU or one GPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # write TensorBoard events under RUN_DIR/tb
+    progress: bool = True  # show a progress bar
+    plots: bool = True  # write PNG curves under RUN_DIR/plots at the end
+    entropy: bool = False  # log the policy's mean token entropy on trained tokens (one extra softmax per token)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/run"  # where checkpoints, metrics and plots go
+    seed: int = 0  # seeds data order, model init (tiny) and sampling
+    resume: bool = True  # continue from RUN_DIR's latest checkpoint when there is one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @classmethod
+    def __from_dict__(cls, data: dict, where: str) -> dict:
+        if isinstance(data.get("loss"), str):
+            data["loss"] = {"name": data["loss"]}
+        if isinstance(data.get("model"), str):
+            data["model"] = {"name": data["model"]}
+        return data
+
+    def check(self, where: str) -> None:
+        loss_cls = build_loss(self.loss, "loss").__class__
+        needs = loss_cls.needs
+        if "rewards" in needs:
+            raise ConfigError(
+                f"loss '{self.loss.name}' needs rewards from rollouts, but this version of align has no `rollout:` "
+                "section; use a dataset loss (see `align losses`)"
+            )
+        if self.data.train is None:
+            raise ConfigError("data.train is required: a json/jsonl/parquet file or a hub dataset name")
+
+
+@dataclass
+class Stage:
+    name: str
+    config: RunConfig
+
+
+@dataclass
+class Pipeline:
+    """A run: one stage, or several that each start from the previous stage's weights."""
+
+    run_dir: str
+    stages: list[Stage]
+    raw: dict  # the merged mapping, written to RUN_DIR/config.yaml
+
+
+def build_loss(loss_cfg: LossConfig, where: str = "loss"):
+    """Resolve the loss class and its options; configuration mistakes become ConfigError."""
+    import losses
+    from losses.base import OptionError, options_fields
+
+    try:
+        cls = losses.get_loss_class(loss_cfg.name)
+    except ValueError as e:
+        raise ConfigError(f"{where}.name: {e}") from None
+    valid = [f.name for f in options_fields(cls.Options)]
+    for key in loss_cfg.options:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown option '{where}.{key}' for loss '{loss_cfg.name}'"
+                + (suggest(key, valid) if valid else "; this loss takes no options")
+            )
+    try:
+        opts = from_dict(cls.Options, loss_cfg.options, where)
+        return cls(opts)
+    except OptionError as e:
+        raise ConfigError(f"{where} ({loss_cfg.name}): {e}") from None
+
+
+def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> Pipeline:
+    """YAML file + ``a.b=c`` overrides → a checked :class:`Pipeline`. Every error is a ConfigError."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = deep_merge(data, load_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return pipeline_from_dict(data)
+
+
+def pipeline_from_dict(data: dict) -> Pipeline:
+    data = dict(data)
+    stages_raw = data.pop("stages", None)
+    run_dir = data.get("run_dir", RunConfig.run_dir)
+    if not stages_raw:
+        return Pipeline(run_dir=run_dir, stages=[Stage("main", from_dict(RunConfig, data))], raw=data)
+    if not isinstance(stages_raw, list):
+        raise ConfigError("stages: expected a list of stage mappings, each with a `name`")
+    stages, seen = [], set()
+    for i, stage in enumerate(stages_raw):
+        if not isinstance(stage, dict) or not stage.get("name"):
+            raise ConfigError(f"stages[{i}]: every stage is a mapping with a `name`")
+        stage = dict(stage)
+        name = str(stage.pop("name"))
+        if name in seen or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"stages[{i}].name {name!r} must be unique and use letters, digits, - and _")
+        seen.add(name)
+        for key in ("run_dir", "resume"):
+            if key in stage:
+                raise ConfigError(f"stages[{i}].{key}: set `{key}` once at the top level of a pipeline")
+        merged = deep_merge(data, stage)
+        if i > 0 and "model" in stage and "name" in (stage.get("model") or {}):
+            raise ConfigError(f"stages[{i}].model.name: a later stage starts from the previous stage's weights")
+        stages.append(Stage(name, from_dict(RunConfig, merged, f"stages[{i}]")))
+    return Pipeline(run_dir=run_dir, stages=stages, raw={**data, "stages": stages_raw})
+
+
+def stage_config_dict(cfg: RunConfig) -> dict:
+    from .configio import to_dict
+
+    return to_dict(cfg)
+
+
+def replace(cfg: Any, **changes) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,79 @@
+"""Generation-based evaluation: sample on held-out prompts, score with reward functions, report accuracy.
+
+``accuracy`` is the mean of the first reward over all samples (pass@1 for a 0/1 verifier). For 0/1 rewards with
+n samples per prompt, pass@k uses the unbiased estimator 1 − C(n−c, k) / C(n, k) (Chen et al. 2021).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from rollouts.engine import SamplingParams
+from rollouts.rewards import load_reward
+
+from .config import EvalConfig, RewardSpec
+from .data import PromptRow
+
+
+@dataclass
+class ScoredReward:
+    name: str
+    fn: object
+    weight: float
+
+
+def build_rewards(specs: list[RewardSpec]) -> list[ScoredReward]:
+    return [ScoredReward(s.name, load_reward(s.name, s.options), s.weight) for s in specs]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def score(rewards: list[ScoredReward], prompts: list[str], completions: list[str], fields: list[dict]) -> dict[str, list[float]]:
+    keys = {k for f in fields for k in f}
+    columns = {k: [f.get(k) for f in fields] for k in keys}
+    out = {}
+    for r in rewards:
+        values = r.fn(prompts, completions, **columns)
+        if len(values) != len(completions):
+            raise ValueError(f"reward {r.name!r} returned {len(values)} values for {len(completions)} completions")
+        out[r.name] = [float(v) for v in values]
+    return out
+
+
+def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[ScoredReward], seed: int = 0,
+             samples_path: str | None = None) -> dict[str, float]:
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    comps = engine.generate([p.prompt_ids for p in prompts], sampling, n=cfg.n)
+    rows = [prompts[c.prompt_index] for c in comps]
+    scores = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], [r.fields for r in rows])
+    first = rewards[0].name
+    metrics = {"accuracy": sum(scores[first]) / len(comps)}
+    for name, vals in scores.items():
+        metrics[f"reward/{name}"] = sum(vals) / len(vals)
+    metrics["mean_length"] = sum(len(c.token_ids) for c in comps) / len(comps)
+    metrics["stopped"] = sum(c.finish_reason == "stop" for c in comps) / len(comps)
+    if all(v in (0.0, 1.0) for v in scores[first]):
+        per_prompt: dict[int, list[float]] = {}
+        for c, v in zip(comps, scores[first]):
+            per_prompt.setdefault(c.prompt_index, []).append(v)
+        for k in sorted({1, cfg.n}):
+            metrics[f"pass@{k}"] = sum(pass_at_k(len(v), int(sum(v)), k) for v in per_prompt.values()) / len(per_prompt)
+    if samples_path:
+        os.makedirs(os.path.dirname(samples_path) or ".", exist_ok=True)
+        with open(samples_path, "w", encoding="utf-8") as f:
+            for i, (c, r) in enumerate(zip(comps, rows)):
+                rec = {"prompt": r.prompt_text, "completion": c.text, "finish_reason": c.finish_reason,
+                       **{name: vals[i] for name, vals in scores.items()}, **_plain(r.fields)}
+                f.write(json.dumps(rec) + "\n")
+    return metrics
+
+
+def _plain(fields: dict) -> dict:
+    return {k: v for k, v in fields.items() if isinstance(v, (str, int, float, bool)) or v is None}

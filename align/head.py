@@ -1,0 +1,139 @@
+"""Per-token log-probabilities in fp32 without materialising the (B, T, V) log-softmax.
+
+The decoder runs once to final hidden states (B, T, H). The LM head and the fp32 log-softmax then run only on the
+positions that carry a loss, in chunks of ``chunk_tokens`` rows, each chunk under activation checkpointing: its
+(chunk, V) logits exist during its own forward and are recomputed in backward, so the peak is one chunk's logits
+instead of the whole batch's. Gradients are exact (the same math, recomputed).
+
+Convention (losses/batch.py): ``logprobs[:, t] = log π(input_ids[:, t] | input_ids[:, :t])``; the hidden state that
+predicts token t sits at position t − 1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) final hidden states (after the last norm), the input of the LM head."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False)
+    return out.last_hidden_state
+
+
+def logits_fn(model, temperature: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden (N, H) → fp32 logits (N, V), with the model's own logit scaling / soft-capping and a temperature."""
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere-style models scale their logits
+    if isinstance(scale, torch.nn.Parameter):
+        scale = None  # a learned scale is not a plain number; not supported here
+    inv_t = 1.0 / temperature
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        z = head(h).float()
+        if scale is not None:
+            z = z * scale
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+        return z * inv_t if inv_t != 1.0 else z
+
+    return fn
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # log_softmax(z)[y] = z_y − logsumexp(z), in fp32
+    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _map_chunks(fn, chunk_tokens: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` to row chunks of ``tensors`` (checkpointed when a gradient is needed) and concatenate."""
+    n = tensors[0].shape[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for start in range(0, n, chunk_tokens):
+        parts = [t[start : start + chunk_tokens] for t in tensors]
+        outs.append(checkpoint(fn, *parts, use_reentrant=False) if needs_grad else fn(*parts))
+    return torch.cat(outs) if outs else tensors[0].new_zeros(0, dtype=torch.float32)
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the True positions of (B, T) mask → (B, T) fp32, zero elsewhere, graph-connected."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out = out.masked_scatter(mask, values)
+    if values.numel() == 0 and anchor.requires_grad:
+        out = out + 0.0 * anchor.sum()  # an empty micro-batch still returns a connected zero (no DDP/ZeRO hang)
+    return out
+
+
+def token_logprobs(
+    model,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_tokens: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) fp32 log-probs of ``input_ids`` at ``mask`` positions (zero elsewhere), and optionally the (B, T)
+    entropy of the predictive distribution there (no gradient)."""
+    mask = mask.clone()
+    mask[:, 0] = False  # nothing predicts the first token
+    pred_mask = torch.zeros_like(mask)
+    pred_mask[:, :-1] = mask[:, 1:]
+    h = hidden[pred_mask]  # (N, H): hidden states that predict the masked tokens, row-major order
+    targets = input_ids[mask]  # (N,)
+    logits = logits_fn(model, temperature)
+
+    def chunk_fn(h_chunk, t_chunk):
+        return _gather_logprobs(logits(h_chunk), t_chunk)
+
+    lp = _map_chunks(chunk_fn, chunk_tokens, h, targets)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = _map_chunks(lambda hc: _entropy(logits(hc)), chunk_tokens, h.detach())
+        entropy = _scatter(ent, mask, hidden)
+    return _scatter(lp, mask, hidden), entropy
+
+
+def ref_kl(
+    policy,
+    hidden: torch.Tensor,
+    ref,
+    ref_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """(B, T) exact forward KL(π_ref(·|c_t) ‖ π_θ(·|c_t)) = Σ_v π_ref(v)[log π_ref(v) − log π_θ(v)] at ``mask``
+    positions, over the whole vocabulary, chunked. ``ref_hidden`` is constant; the gradient flows through π_θ only
+    (its logit-gradient is softmax(z_θ) − π_ref)."""
+    mask = mask.clone()
+    mask[:, 0] = False
+    pred_mask = torch.zeros_like(mask)
+    pred_mask[:, :-1] = mask[:, 1:]
+    h = hidden[pred_mask]
+    h_ref = ref_hidden[pred_mask].detach()
+    policy_logits = logits_fn(policy)
+    ref_logits = logits_fn(ref)
+
+    def chunk_fn(h_chunk, h_ref_chunk):
+        logp = F.log_softmax(policy_logits(h_chunk), dim=-1)
+        with torch.no_grad():
+            logq = F.log_softmax(ref_logits(h_ref_chunk), dim=-1)
+        return (logq.exp() * (logq - logp)).sum(-1)
+
+    kl = _map_chunks(chunk_fn, chunk_tokens, h, h_ref)
+    return _scatter(kl, mask, hidden)

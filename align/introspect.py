@@ -1,0 +1,52 @@
+"""Human-readable descriptions of registered losses and their options (for ``align losses``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+
+_FIELD = re.compile(r"^\s*(\w+)\s*:\s*[^#]*?#\s*(.*)$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """``name: type = default  # comment`` lines of a dataclass's source → {name: comment}."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in source.splitlines():
+        m = _FIELD.match(line)
+        if m:
+            out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+
+def describe_loss(cls) -> str:
+    doc = (inspect.getdoc(cls) or "").splitlines()
+    head = f"{cls.name}: {doc[0] if doc else ''}".rstrip()
+    lines = [head]
+    needs = sorted(cls.needs)
+    if needs:
+        lines.append(f"    needs: {', '.join(needs)}")
+    fields = dataclasses.fields(cls.Options) if dataclasses.is_dataclass(cls.Options) else []
+    comments = field_comments(cls.Options)
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        lines.append(f"    {f.name} = {default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
+def describe_losses(name: str | None = None) -> str:
+    import losses
+
+    reg = losses.registered()
+    if name:
+        return describe_loss(losses.get_loss_class(name))
+    return "\n\n".join(describe_loss(cls) for cls in reg.values())

@@ -1,0 +1,1 @@
+"""Bundled synthetic tasks with exact, verifiable answers (used by the quickstart and the tests)."""

@@ -1,0 +1,406 @@
+"""The one training loop. It does not know which loss it runs.
+
+    for each experience batch from the source:
+        fill what the loss needs (ref / old log-probs), then loss.prepare (advantages, ...)
+        for epoch in range(loss.epochs):
+            for mini-batch in loss.minibatches parts:          # one optimizer step each
+                for micro-batch (length-grouped):              # gradient accumulation
+                    logprobs = policy forward (fp32, chunked head)
+                    loss, metrics = loss_fn(logprobs, micro, ctx)   # ctx: optimizer-batch token counts
+                    backward
+                step (clip, skip if not finite)
+        online sources: push the new weights to the engine
+        checkpoint / evaluate on schedule (at experience-batch boundaries)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+import losses
+from losses import Batch, LossContext
+from rollouts.sources import DatasetSource
+
+from . import checkpoint as ckpt
+from .backend import TorchBackend
+from .collate import collate, plan_micro_batches
+from .config import RunConfig, build_loss
+from .data import load_examples, load_prompts
+from .head import decoder_hidden, ref_kl, token_logprobs
+from .metrics import MetricsLogger
+from .models import count_parameters, load_model, load_tokenizer, materialize_model, resolve_device
+
+log = logging.getLogger("align")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs one stage: ``Trainer(cfg, run_dir).fit()``. ``init_path`` overrides ``cfg.model.name`` (pipelines)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | None = None, init_path: str | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir or cfg.run_dir
+        self.init_path = init_path
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.summary: dict = {}
+        self._stop_requested = False
+        self._set_up = False
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    def setup(self) -> "Trainer":
+        if self._set_up:
+            return self
+        cfg = self.cfg
+        os.makedirs(self.run_dir, exist_ok=True)
+        _log_to_file(self.run_dir)
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.backend.device)
+        self.loss = build_loss(cfg.loss)
+        needs = self.loss.needs
+
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        base = self.init_path or materialize_model(cfg.model, self.run_dir, cfg.seed)
+        self.base_path = base
+        tok_path = cfg.model.tokenizer or base
+        self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
+
+        examples, stats, fmt = load_examples(cfg.data.train, self.tokenizer, cfg.data, progress=cfg.log.progress)
+        if "pairs" in needs and fmt != "preference":
+            raise TrainingError(f"loss '{self.loss.name}' trains on preference pairs but {cfg.data.train} is "
+                                f"'{fmt}' data; give prompt/chosen/rejected rows")
+        if "pairs" not in needs and fmt == "preference":
+            raise TrainingError(f"loss '{self.loss.name}' does not use preference pairs; {cfg.data.train} has "
+                                "chosen/rejected rows (use a preference loss such as dpo)")
+        self.data_stats = stats
+        log.info("data: %s", stats.summary())
+        self.eval_prompts = None
+        if cfg.eval.prompts:
+            self.eval_prompts = load_prompts(cfg.eval.prompts, self.tokenizer, cfg.data, cfg.eval.limit)
+
+        self.experience_size = cfg.train.batch_size * self.loss.minibatches
+        self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.total_steps = self._total_steps(len(examples))
+
+        weights = os.path.join(self.resume_from, "model") if self.resume_from else base
+        self.model = load_model(weights, cfg.model, self.device)
+        total, trainable = count_parameters(self.model)
+        log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
+                 self.device)
+        self.ref_model = None
+        if needs & {"ref_logprobs", "ref_model"}:
+            # the frozen initial policy; from the base weights even when resuming
+            self.ref_model = load_model(base, cfg.model, self.device) if self.resume_from else copy.deepcopy(self.model)
+            self.ref_model.eval().requires_grad_(False)
+
+        self.backend = TorchBackend(self.model, cfg.train, self.total_steps)
+        self.engine = None
+        if self.eval_prompts is not None:
+            from rollouts.hf_engine import HFEngine
+
+            self.engine = HFEngine(self.model, self.tokenizer, batch_size=cfg.engine.batch_size)
+        from .evaluate import build_rewards
+
+        self.eval_rewards = build_rewards(cfg.eval.rewards) if self.eval_prompts is not None else []
+        if self.resume_from:
+            self._restore(self.resume_from)
+        self._set_up = True
+        return self
+
+    def _total_steps(self, n_examples: int) -> int:
+        t = self.cfg.train
+        if t.steps is not None:
+            return t.steps
+        steps_per_epoch = math.ceil(n_examples / t.batch_size)
+        return max(1, math.ceil(steps_per_epoch * t.epochs))
+
+    # ------------------------------------------------------------------------------------------------- state
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "skipped_steps": self.skipped_steps,
+            "source": self.source.state_dict(),
+            "rng": ckpt.rng_state(),
+            "summary": self.summary,
+            "total_steps": self.total_steps,
+        }
+
+    def _restore(self, path: str) -> None:
+        state, opt = ckpt.load_checkpoint(path)
+        if state.get("total_steps") != self.total_steps:
+            raise TrainingError(f"{path} was written by a run of {state.get('total_steps')} steps, this config has "
+                                f"{self.total_steps}; resume with the same config or start a new run_dir")
+        self.backend.load_state_dict(opt)
+        self.source.load_state_dict(state["source"])
+        self.step = state["step"]
+        self.bad_steps = state.get("bad_steps", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.summary = state.get("summary", {})
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> str:
+        def save_model(folder):
+            self.backend.save_model(folder, self.tokenizer)
+
+        path = ckpt.save_checkpoint(self.run_dir, self.step, save_model, self.backend.state_dict(),
+                                    self._trainer_state(), keep=self.cfg.train.keep_checkpoints)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------------------------------- forward pieces
+    def _forward(self, model, mb: Batch, with_entropy: bool = False):
+        hidden = decoder_hidden(model, mb.input_ids, mb.attention_mask)
+        lp, ent = token_logprobs(model, hidden, mb.input_ids, mb.loss_mask, chunk_tokens=self.cfg.model.chunk_tokens,
+                                 with_entropy=with_entropy)
+        return hidden, lp, ent
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+        t = self.cfg.train
+        for rows in plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens):
+            mb = batch.select(rows)
+            _, lp, _ = self._forward(model, mb)
+            out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
+        return out
+
+    def _fill_needs(self, batch: Batch, units: list[list[int]]) -> None:
+        needs = self.loss.needs
+        if "ref_logprobs" in needs and "ref_logprobs" not in batch.extras:
+            batch.extras["ref_logprobs"] = self._logprobs_no_grad(self.ref_model, batch, units)
+        if "old_logprobs" in needs:
+            batch.extras["old_logprobs"] = self._logprobs_no_grad(self.model, batch, units)
+
+    def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
+        sel = torch.as_tensor(rows, device=batch.loss_mask.device)
+        tokens, seqs, micro = self.backend.all_reduce_sum(
+            [float(batch.loss_mask[sel].sum()), float(len(rows)), float(n_micro)])
+        return LossContext(num_tokens=tokens, num_sequences=seqs, num_micro_batches=int(micro),
+                           max_length=self.cfg.data.max_length, step=self.step, aggregation=self.loss.aggregation)
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _optimizer_step(self, batch: Batch, units: list[list[int]]) -> dict:
+        t = self.cfg.train
+        rows_all = [r for u in units for r in u]
+        plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
+        ctx = self._context(batch, rows_all, len(plan))
+        model = self.backend.module
+        model.train()
+        total_loss, finite = 0.0, True
+        sums: dict[str, float] = {}
+        weight = 0
+        tokens = 0
+        for rows in plan:
+            mb = batch.select(rows)
+            hidden, lp, ent = self._forward(model, mb, with_entropy=self.cfg.log.entropy)
+            if "ref_model" in self.loss.needs:
+                with torch.no_grad():
+                    ref_hidden = decoder_hidden(self.ref_model, mb.input_ids, mb.attention_mask)
+                ctx.ref_kl_fn = lambda h=hidden, rh=ref_hidden, m=mb: ref_kl(
+                    model, h, self.ref_model, rh, m.loss_mask, chunk_tokens=self.cfg.model.chunk_tokens)
+            loss, metrics = self.loss(lp, mb, ctx)
+            if ent is not None:
+                metrics["entropy"] = float((ent * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                finite = False
+                break
+            self.backend.backward(loss)
+            total_loss += value
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(rows)
+            weight += len(rows)
+            tokens += int(mb.attention_mask.sum())
+        if finite:
+            grad_norm, applied = self.backend.step()
+        else:
+            self.backend.skip_step()
+            grad_norm, applied = float("nan"), False
+        out = {k: v / max(weight, 1) for k, v in sums.items()}
+        out.update(loss=self.backend.all_reduce_sum([total_loss])[0] if finite else float("nan"),
+                   grad_norm=grad_norm, lr=self.backend.lr, tokens=float(tokens),
+                   loss_tokens=float(ctx.num_tokens), sequences=float(ctx.num_sequences))
+        out["skipped"] = 0.0 if applied else 1.0
+        return out
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self, max_steps: int | None = None) -> dict:
+        """Train to ``train.steps`` (or ``max_steps`` more optimizer steps, for tests and graceful stops)."""
+        self.setup()
+        cfg = self.cfg
+        done = _read_summary(self.run_dir)
+        if done.get("final_model") and done.get("steps") == self.total_steps and cfg.resume:
+            log.info("%s already finished (%d steps); nothing to do", self.run_dir, self.total_steps)
+            self.summary = done
+            return done
+        logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                               total_steps=self.total_steps, start_step=self.step)
+        self.logger = logger
+        stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        if self.step == 0 and cfg.eval.before and self.eval_prompts is not None and "before" not in self.summary:
+            self.summary["before"] = self._evaluate(logger, tag="before")
+        next_save = self._next_multiple(cfg.train.save_every)
+        next_eval = self._next_multiple(cfg.eval.every)
+        last_log = time.time()
+        with _graceful_stop(self):
+            while self.step < stop_at and not self._stop_requested:
+                examples = self.source.next_batch()
+                batch, units = collate(examples, self.tokenizer.pad_token_id)
+                batch = batch.to(self.device)
+                t0 = time.time()
+                self._fill_needs(batch, units)
+                gctx = self._context(batch, [r for u in units for r in u], 1)
+                with torch.no_grad():
+                    batch = self.loss.prepare(batch, gctx)
+                for epoch in range(self.loss.epochs):
+                    order = list(range(len(units)))
+                    if self.loss.epochs > 1 or self.loss.minibatches > 1:
+                        random.Random(f"{cfg.seed}-{self.step}-{epoch}").shuffle(order)
+                    parts = np.array_split(np.array(order), self.loss.minibatches)
+                    for part in parts:
+                        if self.step >= stop_at or len(part) == 0:
+                            break
+                        metrics = self._optimizer_step(batch, [units[i] for i in part])
+                        self.step += 1
+                        now = time.time()
+                        metrics["step_time"] = now - t0
+                        metrics["tokens_per_s"] = metrics["tokens"] / max(now - t0, 1e-9)
+                        t0 = now
+                        self._after_step(metrics, logger)
+                if self.step >= next_save and self.step < self.total_steps:
+                    self.save()
+                    next_save = self._next_multiple(cfg.train.save_every)
+                if self.step >= next_eval and self.step < self.total_steps and self.eval_prompts is not None:
+                    self._evaluate(logger, tag=f"step-{self.step}")
+                    next_eval = self._next_multiple(cfg.eval.every)
+        if self._stop_requested or self.step < self.total_steps:
+            self.save()
+            logger.close()
+            return self.summary
+        self._finish(logger)
+        return self.summary
+
+    def _next_multiple(self, every: int) -> int:
+        if not every:
+            return 1 << 62
+        return (self.step // every + 1) * every
+
+    def _after_step(self, metrics: dict, logger: MetricsLogger) -> None:
+        if metrics["skipped"]:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            logger.write(f"step {self.step}: non-finite loss or gradient (loss={metrics['loss']}, "
+                         f"grad_norm={metrics['grad_norm']}); update skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                path = self.save()
+                logger.log(self.step, {**metrics, "skipped_total": self.skipped_steps})
+                logger.close()
+                raise TrainingError(
+                    f"{self.bad_steps} optimizer steps in a row had a NaN/Inf loss or gradient; stopped at step "
+                    f"{self.step}. The last good weights are saved in {path}. Lower the learning rate, check the "
+                    "data, or use float32.")
+        else:
+            self.bad_steps = 0
+        metrics["skipped_total"] = float(self.skipped_steps)
+        if self.step % max(self.cfg.train.log_every, 1) == 0 or self.step == self.total_steps:
+            logger.log(self.step, metrics)
+        logger.progress(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
+
+    def _evaluate(self, logger: MetricsLogger, tag: str) -> dict:
+        t0 = time.time()
+        metrics = evaluate_model(self, tag)
+        metrics["eval_time"] = time.time() - t0
+        logger.log(self.step, metrics, kind="eval")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("accuracy", "pass@1", "mean_length"))
+        logger.write(f"eval [{tag}] step {self.step}: {shown}")
+        return metrics
+
+    def _finish(self, logger: MetricsLogger) -> None:
+        cfg = self.cfg
+        if self.eval_prompts is not None:
+            self.summary["after"] = self._evaluate(logger, tag="after")
+        final = ckpt.save_final(self.run_dir, lambda folder: self.backend.save_model(folder, self.tokenizer))
+        self.summary["final_model"] = final
+        self.summary["steps"] = self.step
+        self.summary["data"] = self.data_stats.summary()
+        logger.close()
+        if cfg.log.plots:
+            from .plot import plot_run
+
+            self.summary["plots"] = plot_run(self.run_dir)
+        import json
+
+        ckpt.atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(self.summary, indent=2))
+
+
+def _read_summary(run_dir: str) -> dict:
+    import json
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def evaluate_model(trainer: Trainer, tag: str) -> dict:
+    from .evaluate import evaluate
+
+    path = os.path.join(trainer.run_dir, "samples", f"eval-{tag}.jsonl")
+    return evaluate(trainer.engine, trainer.eval_prompts, trainer.cfg.eval, trainer.eval_rewards,
+                    seed=trainer.cfg.seed, samples_path=path)
+
+
+@contextmanager
+def _graceful_stop(trainer: Trainer):
+    """SIGTERM / SIGINT: finish the current step, write a checkpoint, return (a second Ctrl-C aborts)."""
+    previous = {}
+
+    def handler(signum, frame):
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+        log.warning("signal %d: stopping after this step and saving a checkpoint (again to abort)", signum)
+
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _log_to_file(run_dir: str) -> None:
+    path = os.path.abspath(os.path.join(run_dir, "train.log"))
+    root = logging.getLogger("align")
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
