@@ -40,6 +40,23 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evalcmd import format_table, run_eval
+
+    result = run_eval(args.target, args.overrides, ref=args.ref, out=args.out)
+    print(format_table(result["metrics"]))
+    print(f"wrote {result['out']} (samples: {result['samples']})")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .evalcmd import run_generate
+
+    n = run_generate(args.target, args.overrides, args.prompts, args.out)
+    print(f"wrote {n} completions to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align", description="Post-training for language models: SFT, preference "
                                 "optimisation and reward-driven RL on one trainer.")
@@ -54,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("name", nargs="?", help="show only this loss")
     l.set_defaults(fn=_cmd_losses)
 
+    e = sub.add_parser("eval", help="generate on held-out prompts and report accuracy, pass@k, reward, length, KL")
+    e.add_argument("target", help="a run directory, a YAML config, or a model folder")
+    e.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.n=8 eval.temperature=1.0")
+    e.add_argument("--ref", help="reference model folder for KL (default: the model the run started from)")
+    e.add_argument("--out", help="JSON file to write (default: TARGET/eval.json)")
+    e.set_defaults(fn=_cmd_eval)
+
+    g = sub.add_parser("generate", help="write completions for a prompt file to JSONL")
+    g.add_argument("target", help="a run directory, a YAML config, or a model folder")
+    g.add_argument("overrides", nargs="*", help="key.sub=value overrides (eval.n, eval.temperature, ...)")
+    g.add_argument("--prompts", required=True, help="prompt file (json/jsonl/parquet with a `prompt` column)")
+    g.add_argument("--out", required=True, help="output JSONL")
+    g.set_defaults(fn=_cmd_generate)
+
     pl = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
@@ -66,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "torch", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after --options; anything else unknown is an error
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .configio import ConfigError
     from .data import DataError
 

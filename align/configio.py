@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 
 def suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    lowered = {v.lower(): v for v in valid}
+    close = [lowered[key.lower()]] if key.lower() in lowered else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
 
 

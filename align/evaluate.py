@@ -48,9 +48,12 @@ def score(rewards: list[ScoredReward], prompts: list[str], completions: list[str
 
 
 def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[ScoredReward], seed: int = 0,
-             samples_path: str | None = None) -> dict[str, float]:
+             samples_path: str | None = None, completions_out: list | None = None) -> dict[str, float]:
+    """Metrics of ``engine``'s samples on ``prompts``; the completions are appended to ``completions_out``."""
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
     comps = engine.generate([p.prompt_ids for p in prompts], sampling, n=cfg.n)
+    if completions_out is not None:
+        completions_out.extend(comps)
     rows = [prompts[c.prompt_index] for c in comps]
     scores = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], [r.fields for r in rows])
     first = rewards[0].name

@@ -88,10 +88,7 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) fp32 log-probs of ``input_ids`` at ``mask`` positions (zero elsewhere), and optionally the (B, T)
     entropy of the predictive distribution there (no gradient)."""
-    mask = mask.clone()
-    mask[:, 0] = False  # nothing predicts the first token
-    pred_mask = torch.zeros_like(mask)
-    pred_mask[:, :-1] = mask[:, 1:]
+    mask, pred_mask = _pred_positions(mask)  # nothing predicts the first token
     h = hidden[pred_mask]  # (N, H): hidden states that predict the masked tokens, row-major order
     targets = input_ids[mask]  # (N,)
     logits = logits_fn(model, temperature)
@@ -108,32 +105,41 @@ def token_logprobs(
     return _scatter(lp, mask, hidden), entropy
 
 
-def ref_kl(
-    policy,
-    hidden: torch.Tensor,
-    ref,
-    ref_hidden: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    chunk_tokens: int = 1024,
-) -> torch.Tensor:
-    """(B, T) exact forward KL(π_ref(·|c_t) ‖ π_θ(·|c_t)) = Σ_v π_ref(v)[log π_ref(v) − log π_θ(v)] at ``mask``
-    positions, over the whole vocabulary, chunked. ``ref_hidden`` is constant; the gradient flows through π_θ only
-    (its logit-gradient is softmax(z_θ) − π_ref)."""
+def _pred_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of trained tokens with position 0 cleared, mask of the hidden states that predict them)."""
     mask = mask.clone()
     mask[:, 0] = False
     pred_mask = torch.zeros_like(mask)
     pred_mask[:, :-1] = mask[:, 1:]
-    h = hidden[pred_mask]
-    h_ref = ref_hidden[pred_mask].detach()
-    policy_logits = logits_fn(policy)
-    ref_logits = logits_fn(ref)
+    return mask, pred_mask
 
-    def chunk_fn(h_chunk, h_ref_chunk):
-        logp = F.log_softmax(policy_logits(h_chunk), dim=-1)
-        with torch.no_grad():
-            logq = F.log_softmax(ref_logits(h_ref_chunk), dim=-1)
-        return (logq.exp() * (logq - logp)).sum(-1)
 
-    kl = _map_chunks(chunk_fn, chunk_tokens, h, h_ref)
-    return _scatter(kl, mask, hidden)
+def full_kl(
+    p_model,
+    p_hidden: torch.Tensor,
+    q_model,
+    q_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """(B, T) exact KL(P(·|c_t) ‖ Q(·|c_t)) = Σ_v P(v)[log P(v) − log Q(v)] over the whole vocabulary at ``mask``
+    positions, chunked. Gradients flow into whichever hidden states require them."""
+    mask, pred_mask = _pred_positions(mask)
+    hp, hq = p_hidden[pred_mask], q_hidden[pred_mask]
+    p_logits, q_logits = logits_fn(p_model), logits_fn(q_model)
+
+    def chunk_fn(hp_chunk, hq_chunk):
+        logp = F.log_softmax(p_logits(hp_chunk), dim=-1)
+        logq = F.log_softmax(q_logits(hq_chunk), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1)
+
+    kl = _map_chunks(chunk_fn, chunk_tokens, hp, hq)
+    return _scatter(kl, mask, p_hidden if p_hidden.requires_grad else q_hidden)
+
+
+def ref_kl(policy, hidden: torch.Tensor, ref, ref_hidden: torch.Tensor, mask: torch.Tensor, *,
+           chunk_tokens: int = 1024) -> torch.Tensor:
+    """(B, T) exact forward KL(π_ref(·|c_t) ‖ π_θ(·|c_t)) at ``mask`` positions (ASFT's anchor). ``ref_hidden`` is
+    constant; the gradient flows through π_θ only (its logit-gradient is softmax(z_θ) − π_ref)."""
+    return full_kl(ref, ref_hidden.detach(), policy, hidden, mask, chunk_tokens=chunk_tokens)

@@ -1,12 +1,16 @@
-"""Find losses by name: ``@register("dpo")`` inside the library, ``"my_pkg.my_module:MyLoss"`` from user code.
+"""Find losses by name: ``@register("dpo")`` inside the library; from user code either
+``"my_pkg.my_module:MyLoss"`` (an importable module) or ``"path/to/my_loss.py:MyLoss"`` (a file).
 
-User code is imported only when a config names it explicitly with the ``module:Class`` form.
+User code is imported only when a config names it explicitly in one of those ``module:Class`` forms.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import os
+import sys
 
 from .base import Loss
 
@@ -36,9 +40,9 @@ def registered() -> dict[str, type[Loss]]:
 def get_loss_class(spec: str) -> type[Loss]:
     """``"dpo"`` → the registered class; ``"pkg.module:Class"`` → that class, imported now."""
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+        module_name, _, attr = spec.rpartition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = load_module(module_name)
         except ImportError as e:
             raise ValueError(f"loss {spec!r}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?") from e
         cls = getattr(module, attr, None)
@@ -57,3 +61,24 @@ def get_loss_class(spec: str) -> type[Loss]:
             "A loss of your own is named as 'package.module:ClassName'."
         )
     return _REGISTRY[spec]
+
+
+def load_module(name: str):
+    """An importable module name, or a path to a ``.py`` file (loaded once, under a name derived from its path)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+        raise ImportError(f"no such file {name!r}")
+    key = "align_user_" + os.path.splitext(path)[0].strip(os.sep).replace(os.sep, "_").replace("-", "_").replace(".", "_")
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return module

@@ -1,0 +1,158 @@
+"""``align eval`` and ``align generate``: the training-time evaluation and engines, on any checkpoint.
+
+TARGET is a run directory (its ``config.yaml`` and ``final/`` model; for a pipeline, the last stage's), a YAML config
+(its ``model.name``), or a Hugging Face model folder (then give ``eval.prompts=...``). ``key.sub=value`` overrides
+apply to the config, e.g. ``eval.n=8 eval.temperature=1.0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import RunConfig, load_config
+from .configio import ConfigError, load_yaml
+
+
+@dataclass
+class Target:
+    cfg: RunConfig
+    model_path: str  # what is evaluated
+    base_path: str | None  # the starting point of training (the reference for KL), when known
+    out_dir: str  # where eval.json goes
+
+
+def resolve(target: str, overrides: list[str]) -> Target:
+    if os.path.isdir(target) and os.path.isfile(os.path.join(target, "config.yaml")):
+        raw = load_yaml(os.path.join(target, "config.yaml"))
+        stages = raw.get("stages")
+        previous = None
+        if stages:  # a pipeline: the last stage's config and model; it started from the stage before
+            target_dir = os.path.join(target, stages[-1]["name"])
+            if len(stages) > 1:
+                previous = os.path.join(target, stages[-2]["name"], "final")
+            raw = {k: v for k, v in stages[-1].items() if k != "name"}
+        else:
+            target_dir = target
+        cfg = load_config(None, overrides, base=raw).stages[-1].config
+        model = os.path.join(target_dir, "final")
+        if not os.path.isfile(os.path.join(model, "COMPLETE")):
+            raise ConfigError(f"{target_dir} has no finished model (final/); train it first or point at a model folder")
+        base = previous or (os.path.join(target_dir, "init-model") if cfg.model.name == "tiny" else cfg.model.name)
+        return Target(cfg, model, base, target)
+    if target.endswith((".yaml", ".yml")):
+        pipe = load_config(target, overrides)
+        cfg = pipe.stages[-1].config
+        from .models import materialize_model
+
+        path = materialize_model(cfg.model, cfg.run_dir, cfg.seed)
+        return Target(cfg, path, None, cfg.run_dir)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        base = {"model": {"name": target}, "data": {"train": "unused"}}
+        pipe = load_config(None, overrides, base=base)
+        return Target(pipe.stages[-1].config, target, None, ".")
+    raise ConfigError(f"{target!r} is not a run directory, a YAML config or a model folder")
+
+
+def _load(path: str, cfg: RunConfig, device: torch.device):
+    from .models import load_model, load_tokenizer
+
+    model = load_model(path, cfg.model, device)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str | None = None) -> dict:
+    from rollouts.hf_engine import HFEngine
+
+    from .data import load_prompts
+    from .evaluate import build_rewards, evaluate
+    from .models import resolve_device
+
+    t = resolve(target, overrides)
+    cfg = t.cfg
+    if not cfg.eval.prompts:
+        raise ConfigError("eval.prompts is not set: give held-out prompts, e.g. eval.prompts=data/test.jsonl")
+    device = resolve_device(cfg.backend.device)
+    model, tokenizer = _load(t.model_path, cfg, device)
+    prompts = load_prompts(cfg.eval.prompts, tokenizer, cfg.data, cfg.eval.limit)
+    engine = HFEngine(model, tokenizer, batch_size=cfg.engine.batch_size, progress=True)
+    samples_path = os.path.join(t.out_dir, "samples", "eval-cli.jsonl")
+    completions: list = []
+    metrics = evaluate(engine, prompts, cfg.eval, build_rewards(cfg.eval.rewards), seed=cfg.seed,
+                       samples_path=samples_path, completions_out=completions)
+    ref_path = ref or t.base_path
+    if ref_path and os.path.abspath(ref_path) != os.path.abspath(t.model_path):
+        ref_model, _ = _load(ref_path, cfg, device)
+        metrics["kl_to_ref"] = mean_kl_on_samples(model, ref_model, completions, cfg.model.chunk_tokens)
+    result = {"model": t.model_path, "reference": ref_path, "prompts": cfg.eval.prompts, "n": cfg.eval.n,
+              "temperature": cfg.eval.temperature, "metrics": metrics, "samples": samples_path}
+    out = out or os.path.join(t.out_dir, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    result["out"] = out
+    return result
+
+
+@torch.no_grad()
+def mean_kl_on_samples(model, ref_model, completions, chunk_tokens: int = 1024, batch_size: int = 32) -> float:
+    """Mean per-token KL(π‖π_ref), exact over the vocabulary, on the completion tokens the model generated."""
+    from .head import decoder_hidden, full_kl
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(completions), batch_size):
+        chunk = [c for c in completions[i : i + batch_size] if c.token_ids]
+        if not chunk:
+            continue
+        seqs = [c.prompt_ids + c.token_ids for c in chunk]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+        att = torch.zeros(len(seqs), T, dtype=torch.bool, device=device)
+        mask = torch.zeros_like(att)
+        for r, (c, s) in enumerate(zip(chunk, seqs)):
+            ids[r, : len(s)] = torch.tensor(s)
+            att[r, : len(s)] = True
+            mask[r, len(c.prompt_ids) : len(s)] = True
+        kl = full_kl(model, decoder_hidden(model, ids, att), ref_model, decoder_hidden(ref_model, ids, att), mask,
+                     chunk_tokens=chunk_tokens)
+        total += float(kl[mask].sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def run_generate(target: str, overrides: list[str], prompts_path: str, out: str) -> int:
+    from rollouts.engine import SamplingParams
+    from rollouts.hf_engine import HFEngine
+
+    from .data import load_prompts
+    from .models import resolve_device
+
+    t = resolve(target, overrides)
+    cfg = t.cfg
+    device = resolve_device(cfg.backend.device)
+    model, tokenizer = _load(t.model_path, cfg, device)
+    prompts = load_prompts(prompts_path, tokenizer, cfg.data, cfg.eval.limit)
+    engine = HFEngine(model, tokenizer, batch_size=cfg.engine.batch_size, progress=True)
+    sampling = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    comps = engine.generate([p.prompt_ids for p in prompts], sampling, n=cfg.eval.n)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for c in comps:
+            p = prompts[c.prompt_index]
+            f.write(json.dumps({"prompt": p.prompt_text, "completion": c.text, "finish_reason": c.finish_reason,
+                                "num_tokens": len(c.token_ids), "index": p.index}) + "\n")
+    os.replace(tmp, out)
+    return len(comps)
+
+
+def format_table(metrics: dict) -> str:
+    lines = [f"{'metric':<22}{'value':>10}"]
+    for k, v in metrics.items():
+        lines.append(f"{k:<22}{v:>10.4f}" if isinstance(v, float) else f"{k:<22}{v!s:>10}")
+    return "\n".join(lines)
