@@ -121,43 +121,105 @@ def _scan_json_lines(path: str) -> None:
                 raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
 
 
-def read_rows(spec: str, split: str = "train", limit: int | None = None) -> tuple[list[dict], str]:
-    """Rows of a local json/jsonl/parquet/csv file (or several, comma-separated) or a hub dataset."""
+class Rows(list):
+    """The rows of one or more files, remembering which file (and which row of it) each came from."""
+
+    def __init__(self, rows=(), spans: list[tuple[str, int]] | None = None, name: str = ""):
+        super().__init__(rows)
+        self.spans = spans or [(name, len(self))]  # (file, number of rows), in order
+        self.name = name
+
+    def where(self, i: int) -> tuple[str, int]:
+        """(file, row within that file) of global row ``i``."""
+        for name, n in self.spans:
+            if i < n:
+                return name, i
+            i -= n
+        return self.name, i
+
+
+def _parse_json_file(path: str) -> list[dict]:
+    """Rows of a .json (a list of objects, or {column: [values]}) or .jsonl (one object per line) file."""
+    if path.endswith(".jsonl"):
+        _scan_json_lines(path)
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, None, f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, None, None, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):  # {"column": [values...]} or {"data": [rows...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(data) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
+            data = lists[0]
+        elif lists and len(lists) == len(data) and len({len(v) for v in lists}) == 1:
+            data = [dict(zip(data, vals)) for vals in zip(*data.values())]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(path, None, None, "expected a list of JSON objects (one per row)")
+    return data
+
+
+def _read_file(path: str, builder: str) -> list[dict]:
+    if os.path.getsize(path) == 0:
+        raise DataError(path, None, None, "file is empty (0 rows)", "point the config at a file with rows")
+    if builder == "json":
+        # Read JSON ourselves rather than through `datasets`: Arrow's type inference coerces mixed columns (a "2"
+        # in one row and a 6 in another become the integers 2 and 6), silently changing the data, and its errors
+        # cannot name the row. The json module keeps every value as written and lets validation name the row.
+        return _parse_json_file(path)
     import datasets
 
-    files = _local_files(spec)
-    source = spec
     try:
-        if files is None:
-            ds = datasets.load_dataset(spec, split=split)
-        else:
-            if not files:
-                raise DataError(spec, None, None, "no files match")
-            exts = {os.path.splitext(f)[1] for f in files}
-            builders = {_LOCAL_BUILDERS.get(e) for e in exts}
-            if None in builders or len(builders) != 1:
-                raise DataError(spec, None, None, f"unsupported or mixed file types {sorted(exts)}",
-                                "use .json/.jsonl, .parquet or .csv files of one kind")
-            for f in files:
-                if f.endswith(".jsonl"):
-                    _scan_json_lines(f)  # precise row-level errors for broken lines / invalid UTF-8
-                if os.path.getsize(f) == 0:
-                    raise DataError(f, None, None, "file is empty (0 rows)", "point data.train at a file with rows")
-            ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
-    except DataError:
-        raise
-    except Exception as e:  # datasets/arrow errors: re-read ourselves to name the row when we can
-        if files:
-            for f in files:
-                if f.endswith(".jsonl"):
-                    _scan_json_lines(f)
-        raise DataError(source, None, None, f"could not be read: {type(e).__name__}: {str(e)[:300]}",
-                        "mixed value types within one column (e.g. a number in one row and text in another) are a "
-                        "common cause") from None
-    rows = ds.to_list() if limit is None else ds.select(range(min(limit, len(ds)))).to_list()
+        return datasets.load_dataset(builder, data_files=[path], split="train").to_list()
+    except Exception as e:
+        raise DataError(path, None, None, f"could not be read: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def read_rows(spec: str, split: str = "train", limit: int | None = None) -> tuple[Rows, str]:
+    """Rows of local json/jsonl/parquet/csv files (comma-separated, globs or a folder) or of a hub dataset."""
+    files = _local_files(spec)
+    if files is None:
+        import datasets
+
+        try:
+            rows = Rows(datasets.load_dataset(spec, split=split).to_list(), name=spec)
+        except Exception as e:
+            raise DataError(spec, None, None, f"is not a local file and could not be loaded as a hub dataset "
+                            f"({type(e).__name__}: {str(e)[:200]})", "check the path or the dataset name") from None
+    else:
+        if not files:
+            raise DataError(spec, None, None, "no files match")
+        exts = {os.path.splitext(f)[1] for f in files}
+        builders = {_LOCAL_BUILDERS.get(e) for e in exts}
+        if None in builders or len(builders) != 1:
+            raise DataError(spec, None, None, f"unsupported or mixed file types {sorted(exts)}",
+                            "use .json/.jsonl, .parquet or .csv files of one kind")
+        builder = builders.pop()
+        all_rows, spans = [], []
+        for f in files:
+            part = _read_file(f, builder)
+            all_rows += part
+            spans.append((f, len(part)))
+        rows = Rows(all_rows, spans, name=spec)
+    if limit is not None:
+        rows = Rows(rows[:limit], _cut_spans(rows.spans, limit), name=rows.name)
     if not rows:
-        raise DataError(source, None, None, "has 0 rows", "point the config at a file with data")
-    return rows, source
+        raise DataError(spec, None, None, "has 0 rows", "point the config at a file with data")
+    return rows, spec
+
+
+def _cut_spans(spans: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    out = []
+    for name, n in spans:
+        take = min(n, limit)
+        if take > 0:
+            out.append((name, take))
+        limit -= take
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -271,13 +333,18 @@ def _template_ids(tokenizer, messages, **kwargs) -> list[int]:
 class Tokenizer:
     """Turns validated rows into token ids and loss masks for one tokenizer and DataConfig."""
 
-    def __init__(self, tokenizer, cfg: DataConfig, source: str):
+    def __init__(self, tokenizer, cfg: DataConfig, source: str, where=None):
         self.tok = tokenizer
         self.cfg = cfg
         self.source = source
+        self.where = where or (lambda i: (source, i))  # global row → (file, row in file), for error messages
         self.eos = tokenizer.eos_token_id
         self.max_prompt = cfg.max_prompt_length or (cfg.max_length - 1)
         self.stats = DataStats()
+
+    def _error(self, row: int, field: str | None, problem: str, fix: str = "") -> DataError:
+        name, local = self.where(row)
+        return DataError(name, local, field, problem, fix)
 
     # prompts -------------------------------------------------------------------------------------------------
     def _as_chat(self, value, role: str):
@@ -289,7 +356,7 @@ class Tokenizer:
 
     def _need_template(self, row: int, field: str) -> None:
         if not _has_template(self.tok):
-            raise DataError(self.source, row, field, "is a list of chat messages but the tokenizer has no chat "
+            raise self._error(row, field, "is a list of chat messages but the tokenizer has no chat "
                             "template", "use a tokenizer with a chat_template, or give the rows as plain text")
 
     def prompt_ids(self, prompt, row: int) -> list[int]:
@@ -312,7 +379,7 @@ class Tokenizer:
         else:
             chat_c = self._as_chat(completion, "assistant")
             if chat_c is None:
-                raise DataError(self.source, row, field, "prompt is chat messages but the completion is text")
+                raise self._error(row, field, "prompt is chat messages but the completion is text")
             full = _template_ids(self.tok, chat_p + chat_c)
         start = _common_prefix(p_ids, full)
         mask = [False] * start + [True] * (len(full) - start)
@@ -337,7 +404,7 @@ class Tokenizer:
                 for t in range(before, upto):
                     mask[t] = True
         if not any(mask[1:]):
-            raise DataError(self.source, row, "messages", "no assistant tokens found after tokenisation",
+            raise self._error(row, "messages", "no assistant tokens found after tokenisation",
                             "the chat template must render assistant turns (check it handles role 'assistant')")
         first = mask.index(True) if True in mask else len(mask)
         return self._fit(ids, mask, first, row, "messages")
@@ -358,7 +425,7 @@ class Tokenizer:
         mask = list(mask)
         mask[0] = False
         if not any(mask):
-            raise DataError(self.source, row, field, "has no completion tokens after tokenisation",
+            raise self._error(row, field, "has no completion tokens after tokenisation",
                             "the completion is empty or the prompt fills max_length")
         return Sample(input_ids=ids, loss_mask=mask)
 
@@ -380,7 +447,7 @@ class Tokenizer:
             samples = [self.prompt_completion(prompt, chosen, i, "chosen"),
                        self.prompt_completion(prompt, rejected, i, "rejected")]
             if samples[0] is not None and samples[1] is not None and samples[0].input_ids == samples[1].input_ids:
-                raise DataError(self.source, i, "rejected", "tokenises to the same ids as 'chosen'")
+                raise self._error(i, "rejected", "tokenises to the same ids as 'chosen'")
         else:
             raise ValueError(f"format {fmt!r} has no training examples")
         if any(s is None for s in samples):
@@ -394,9 +461,10 @@ class Tokenizer:
 
 def _rows_and_format(spec: str, cfg: DataConfig, split: str | None = None):
     rows, source = read_rows(spec, split or cfg.split, cfg.limit)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows, source)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(rows, rows.where(0)[0])
     for i, row in enumerate(rows):
-        validate_row(row, i, fmt, source)
+        name, local = rows.where(i)
+        validate_row(row, local, fmt, name)
     return rows, source, fmt
 
 
@@ -406,7 +474,7 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, progress: bool = True) 
     if fmt == "prompt":
         raise DataError(source, None, None, "holds prompts only (no completions to train on)",
                         "use a loss that learns from rollouts, or data with completions / chosen+rejected")
-    tk = Tokenizer(tokenizer, cfg, source)
+    tk = Tokenizer(tokenizer, cfg, source, rows.where)
     tk.stats.rows = len(rows)
     iterator = enumerate(rows)
     if progress and len(rows) >= 2000:
@@ -424,8 +492,9 @@ def load_prompts(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None
     """Prompt rows (+ every other column as reward fields) for generation: eval sets and rollout prompts."""
     rows, source = read_rows(spec, cfg.split, limit)
     for i, row in enumerate(rows):
-        validate_row(row, i, "prompt", source)
-    tk = Tokenizer(tokenizer, cfg, source)
+        name, local = rows.where(i)
+        validate_row(row, local, "prompt", name)
+    tk = Tokenizer(tokenizer, cfg, source, rows.where)
     out = []
     for i, row in enumerate(rows):
         ids = tk.prompt_ids(row["prompt"], i)
