@@ -468,6 +468,10 @@ def test_missing_or_misshapen_reward_is_a_clear_error():
     batch.extras["reward"] = torch.zeros(8, 2)
     with pytest.raises(ValueError, match=r"got shape \(8, 2\)"):
         loss_fn.prepare(batch, ctx_for(batch.loss_mask))
+    batch.extras["reward"] = torch.tensor([0.0, 1.0, float("nan"), 0, 0, 0, float("inf"), 0])
+    batch.extras["index"] = torch.arange(10, 18)
+    with pytest.raises(ValueError, match=r"NaN/inf at rows \[2, 6\] \(dataset rows \[12, 16\]\)"):
+        loss_fn.prepare(batch, ctx_for(batch.loss_mask))
     _, batch = make_batch()
     with pytest.raises(RuntimeError, match="call loss.prepare"):
         loss_fn(s, batch, ctx_for(batch.loss_mask))

@@ -69,6 +69,16 @@ def _our_side(model, loss_fn, prompt_ids, completion_ids, completion_mask, rewar
     return loss, metrics, old[:, P:], ref[:, P:], adv[:, 0]
 
 
+def _assert_same_loss_and_gradients(loss, model, trainer, inputs):
+    """TRL's _compute_loss on `inputs` gives our loss and our gradient on every parameter (1e-5)."""
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    assert_close(loss.detach(), trl_loss.detach(), atol=1e-5, rtol=0)
+    trl_grads = dict(trainer.model.named_parameters())
+    for pname, p in model.named_parameters():
+        assert_close(p.grad, trl_grads[pname].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{pname}: {m}")
+
+
 # (our loss, our options, TRL GRPOConfig overrides)
 CASES = {
     "grpo": ("grpo", {}, dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=False)),
@@ -109,13 +119,7 @@ def test_grpo_family_equals_trl_grpo_trainer(tiny_dir, tokenizer, tmp_path, case
         "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
         "num_items_in_batch": completion_mask.sum(),
     }
-    trl_loss = trainer._compute_loss(trainer.model, inputs)
-    trl_loss.backward()
-
-    assert_close(loss.detach(), trl_loss.detach(), atol=1e-5, rtol=0)
-    trl_grads = dict(trainer.model.named_parameters())
-    for pname, p in model.named_parameters():
-        assert_close(p.grad, trl_grads[pname].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{pname}: {m}")
+    _assert_same_loss_and_gradients(loss, model, trainer, inputs)
     logged = trainer._metrics["train"]
     assert metrics["kl_term"] == pytest.approx(logged["kl"][-1], abs=1e-5)
     if "clip_ratio/region_mean" in logged:
@@ -146,9 +150,4 @@ def test_rloo_equals_trl_rloo_trainer(tiny_dir, tokenizer, tmp_path):
         "completion_ids": completion_ids, "completion_mask": completion_mask,
         "advantages": adv, "old_logps": (old * completion_mask).sum(1),
     }
-    trl_loss = trainer._compute_loss(trainer.model, inputs)
-    trl_loss.backward()
-    assert_close(loss.detach(), trl_loss.detach(), atol=1e-5, rtol=0)
-    trl_grads = dict(trainer.model.named_parameters())
-    for pname, p in model.named_parameters():
-        assert_close(p.grad, trl_grads[pname].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{pname}: {m}")
+    _assert_same_loss_and_gradients(loss, model, trainer, inputs)

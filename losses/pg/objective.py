@@ -146,6 +146,12 @@ class KLPG(Loss):
             got = "nothing" if rewards is None else f"shape {tuple(rewards.shape)}"
             raise ValueError(f"loss '{self.name}' needs batch.extras['{REWARD_KEY}'] of shape ({len(batch)},): one "
                              f"scalar reward per completion, from a rollout source; got {got}")
+        bad = (~torch.isfinite(rewards)).nonzero().flatten()[:10]
+        if len(bad):
+            index = batch.extras.get("index")
+            rows = f" (dataset rows {index[bad].tolist()})" if index is not None else ""
+            raise ValueError(f"loss '{self.name}': batch.extras['{REWARD_KEY}'] is NaN/inf at rows {bad.tolist()}"
+                             f"{rows}; every completion needs a finite reward: check the reward function")
         mask = batch.loss_mask
         rewards = rewards.to(torch.float32)
         penalty = None
