@@ -573,3 +573,21 @@ def test_every_configuration_raises_the_reward_of_a_toy_policy(name, options):
     before, after = _toy_policy_run(build(name, **options))
     assert before == pytest.approx(0.25)
     assert after > 0.6, after
+
+
+def test_readme_rl_loss_examples_build():
+    """The YAML examples of the README's RL-losses section are valid loss configs."""
+    import os
+
+    import yaml
+
+    from align.config import LossConfig, build_loss
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split("## RL losses (KL-regularised policy gradient)")[1].split("\n## ")[0]
+    block = section.split("```yaml\n")[1].split("```")[0]
+    entries = ["loss: " + e for e in block.strip().removeprefix("loss: ").split("\nloss: ")]
+    assert len(entries) == 3
+    for entry in entries:
+        options = yaml.safe_load(entry)["loss"]
+        build_loss(LossConfig(name=options.pop("name"), options=options))
