@@ -44,22 +44,22 @@ KLWeightName = Literal["one", "ratio"]
 
 @dataclass
 class KLPGOptions:
-    advantage: AdvantageName = "group_norm"  # Â: group_norm (GRPO), group_mean (Dr.GRPO, RPG), rloo, batch_mean, reinforce (REINFORCE++), reinforce_baseline
+    advantage: AdvantageName = "group_norm"  # Â: group_norm (GRPO), group_mean, rloo, batch_mean, reinforce(_baseline)
     std_eps: float = 1e-4  # ε of group_norm's (R − μ_g)/(σ_g + ε): TRL 1e-4, verl 1e-6
-    reward_kl: RewardKLName = "none"  # KL in the reward, K(s_old − s_ref) vs the fixed π_ref: summed per sequence (outcome Â) or per token (reinforce*)
+    reward_kl: RewardKLName = "none"  # KL in the reward, K(s_old − s_ref): summed (outcome Â), per token (reinforce*)
     reward_beta: float = 0.0  # β_rew, the coefficient of the KL in the reward
-    policy: PolicyName = "ppo_clip"  # PG term: ppo_clip (token ratio), seq_ppo_clip (sequence ratio, TRL RLOO), reinforce, is_reinforce, rpg_reinforce, rpg_reinforce_clip
+    policy: PolicyName = "ppo_clip"  # ppo_clip, seq_ppo_clip (TRL RLOO), reinforce, is_reinforce, rpg_reinforce(_clip)
     epsilon_low: float = 0.2  # clip range below: ρ ≥ 1 − epsilon_low
     epsilon_high: float = 0.2  # clip range above: ρ ≤ 1 + epsilon_high (DAPO / RPG: 0.28)
-    dual_clip: float | None = None  # c > 1: for Â < 0 the loss is at most −cÂ (verl clip_ratio_c, RPG 10); null = off
-    kl: KLName = "k3"  # KL term K in the loss: k1, k2, k3, k3+ (straight-through), rpg_fkl/rkl/ufkl/urkl (RPG surrogates); in the weight for rpg_reinforce*
-    beta: float = 0.0  # β, the coefficient of the KL term in the loss (0 = no KL term, no reference model needed)
-    kl_weight: KLWeightName = "one"  # C: one (GRPO, verl, OpenRLHF) or ratio = non-detached ρ (RPG-corrected k3, TRL use_bias_correction_kl)
+    dual_clip: float | None = None  # dual clip c > 1: for Â < 0 the loss is at most −cÂ (RPG 10); null = off
+    kl: KLName = "k3"  # KL in the loss: k1, k2, k3, k3+, rpg_fkl/rkl/ufkl/urkl (the weight of rpg_reinforce*)
+    beta: float = 0.0  # β of the KL in the loss (0: no KL term, no reference model)
+    kl_weight: KLWeightName = "one"  # C: one (GRPO) or ratio = non-detached ρ (RPG; TRL use_bias_correction_kl)
     reference: ReferenceName = "fixed"  # KL-in-loss reference: fixed = π_ref (initial model), iterative = π_old (RPG)
-    aggregation: Aggregation = "token_mean"  # reduction of per-token terms (losses/reduce.py): token_mean A1, seq_mean_token_mean A3, token_sum_norm A5, ...
+    aggregation: Aggregation = "token_mean"  # reduction of per-token terms, A1–A5 (losses/reduce.py)
     max_completion_length: int | None = None  # T_max of token_sum_norm (A5, Dr. GRPO); null = the data max_length
     epochs: int = 1  # passes over each experience batch (PPO epochs; TRL num_iterations)
-    minibatches: int = 1  # optimizer steps per pass; the experience batch is train.batch_size × minibatches examples
+    minibatches: int = 1  # optimizer steps per pass over train.batch_size × minibatches examples
 
     def validate(self) -> None:
         for name, tp in (("advantage", AdvantageName), ("policy", PolicyName), ("kl", KLName),

@@ -97,7 +97,7 @@ class RPGUFKLOptions(KLPGOptions):
     dual_clip: float | None = 10.0  # RPG scripts: clip_ratio_c = 10
     kl: KLName = "rpg_ufkl"  # w − log w − 1, differentiable through w = π_θ/π_old (RPG Table 1, UFKL)
     beta: float = 1e-4  # RPG App. H: β = 1e-4
-    reference: ReferenceName = "iterative"  # RPG use_iterative_ref_model=True: π_old is the KL reference, no π_ref in memory
+    reference: ReferenceName = "iterative"  # RPG use_iterative_ref_model: π_old is the KL reference
     minibatches: int = 4  # the iterative KL acts only once π_θ moves off π_old; RPG takes 16 steps per rollout batch
 
 
