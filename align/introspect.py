@@ -10,16 +10,22 @@ _FIELD = re.compile(r"^\s*(\w+)\s*:\s*[^#]*?#\s*(.*)$")
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """``name: type = default  # comment`` lines of a dataclass's source → {name: comment}."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for line in source.splitlines():
-        m = _FIELD.match(line)
-        if m:
-            out.setdefault(m.group(1), m.group(2).strip())
+    """``name: type = default  # comment`` lines of a dataclass's source → {name: comment}.
+
+    Walks the base classes too, so an Options subclass that only changes defaults keeps its parent's comments
+    (a comment in the subclass wins)."""
+    out: dict[str, str] = {}
+    for klass in cls.__mro__ if isinstance(cls, type) else ():
+        if klass is object:
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = _FIELD.match(line)
+            if m:
+                out.setdefault(m.group(1), m.group(2).strip())
     return out
 
 

@@ -103,6 +103,12 @@ class Trainer:
         self.total_steps = self._total_steps(len(examples))
 
         weights = os.path.join(self.resume_from, "model") if self.resume_from else base
+        finished = _read_summary(self.run_dir) if cfg.resume else {}
+        self.finished = bool(finished.get("final_model")) and finished.get("steps") == self.total_steps \
+            and os.path.isfile(os.path.join(finished["final_model"], ckpt.COMPLETE))
+        if self.finished:  # a finished run: its final weights, nothing left to train
+            weights, self.resume_from = finished["final_model"], None
+            self.summary, self.step = finished, self.total_steps
         self.model = load_model(weights, cfg.model, self.device)
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
@@ -250,11 +256,9 @@ class Trainer:
         """Train to ``train.steps`` (or ``max_steps`` more optimizer steps, for tests and graceful stops)."""
         self.setup()
         cfg = self.cfg
-        done = _read_summary(self.run_dir)
-        if done.get("final_model") and done.get("steps") == self.total_steps and cfg.resume:
+        if self.finished:
             log.info("%s already finished (%d steps); nothing to do", self.run_dir, self.total_steps)
-            self.summary = done
-            return done
+            return self.summary
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
                                total_steps=self.total_steps, start_step=self.step)
         self.logger = logger

@@ -69,7 +69,7 @@ def test_kill_9_at_random_points_then_resume_is_identical(tmp_path):
         latest = latest_checkpoint(cfg["run_dir"])
         resumed = trainer_for(cfg)
         resumed.fit()
-        assert resumed.step == 12
+        assert resumed.step == 12, (kill_at, latest, resumed._stop_requested, resumed.total_steps, resumed.summary)
         got = resumed.model.state_dict()
         for k in want:
             assert torch.equal(got[k], want[k]), (kill_at, latest, k)
