@@ -28,6 +28,13 @@ def _cmd_losses(args) -> int:
     return 0
 
 
+def _cmd_rewards(args) -> int:
+    from rollouts.rewards import describe_rewards
+
+    print(describe_rewards())
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from .plot import plot_run
 
@@ -53,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     l = sub.add_parser("losses", help="list registered losses with their options")
     l.add_argument("name", nargs="?", help="show only this loss")
     l.set_defaults(fn=_cmd_losses)
+
+    r = sub.add_parser("rewards", help="list the built-in reward functions with their options")
+    r.set_defaults(fn=_cmd_rewards)
 
     pl = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     pl.add_argument("run_dir")

@@ -67,32 +67,34 @@ def build_rollout_source(cfg, prompts, engine, run_dir: str, batch_size: int, ra
 
 
 class EngineSync:
-    """Keeps a generation engine in step with the policy being trained."""
+    """Keeps a generation engine in step with the policy being trained.
+
+    The engine's ``weight_version`` is the optimizer step of the weights it holds (the trainer stamps every push with
+    its step), so ``step − weight_version`` is how many updates the engine has not received.
+    """
 
     def __init__(self, engine, weights_fn, sync_every: int = 1, sleep: bool = False):
         self.engine = engine
         self.weights_fn = weights_fn  # () -> iterable of (name, full tensor): the policy's current weights
         self.sync_every = sync_every
         self.sleep = sleep
-        self.pending = 0  # optimizer updates the engine has not received yet
 
     def before_updates(self) -> None:
         if self.sleep:
             self.engine.sleep()
 
-    def after_updates(self, updates: int, step: int) -> dict[str, float]:
-        """Wake the weights, push if due (always stamp a shared-weights engine), wake the KV cache."""
-        self.pending += updates
+    def after_updates(self, step: int) -> dict[str, float]:
+        """Wake the weights, push if due (a shared-weights engine is only stamped), wake the KV cache."""
         self.engine.wake_weights()
         metrics = {}
-        if not self.engine.copies_weights or self.pending >= self.sync_every:
+        if not self.engine.copies_weights or step - self.engine.weight_version >= self.sync_every:
             metrics = self.push(step)
         self.engine.wake()
         return metrics
 
     def ensure_current(self, step: int) -> None:
-        """Before evaluation with the engine: push any updates it has not received."""
-        if self.pending and self.engine.copies_weights:
+        """Before evaluation with the engine: push the updates it has not received."""
+        if self.engine.weight_version != step:
             self.engine.wake_weights()
             self.push(step)
             self.engine.wake()
@@ -100,7 +102,6 @@ class EngineSync:
     def push(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         self.engine.load_weights(self.weights_fn(), version=step)
-        self.pending = 0
         if not self.engine.copies_weights:
             return {}
         return {"engine/push_seconds": time.perf_counter() - t0, "engine/weight_version": float(step)}

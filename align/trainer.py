@@ -300,7 +300,6 @@ class Trainer:
                 gctx = self._context(batch, [r for u in units for r in u], 1)
                 with torch.no_grad():
                     batch = self.loss.prepare(batch, gctx)
-                step_before = self.step
                 if self.source.online:
                     self.engine_sync.before_updates()
                 for epoch in range(self.loss.epochs):
@@ -319,7 +318,7 @@ class Trainer:
                         t0 = now
                         self._after_step(metrics, logger)
                 if self.source.online:
-                    self._sync_engine(self.step - step_before, logger)
+                    self._sync_engine(logger)
                 if self.step >= next_save and self.step < self.total_steps:
                     self.save()
                     next_save = self._next_multiple(cfg.train.save_every)
@@ -333,12 +332,12 @@ class Trainer:
         self._finish(logger)
         return self.summary
 
-    def _sync_engine(self, updates: int, logger: MetricsLogger) -> None:
+    def _sync_engine(self, logger: MetricsLogger) -> None:
         """After an experience batch's updates: push the new weights to the rollout engine (align/online.py)."""
         from rollouts.engine_state import EngineError
 
         try:
-            metrics = self.engine_sync.after_updates(updates, self.step)
+            metrics = self.engine_sync.after_updates(self.step)
         except EngineError as e:
             path = self.save()
             logger.close()

@@ -140,3 +140,58 @@ def test_reward_rises_with_vllm_and_weights_sync_every_two_updates(tmp_path, mon
     samples = [json.loads(l) for l in open(os.path.join(cfg["run_dir"], "samples", "rollouts.jsonl"))]
     assert sorted({s["weight_version"] for s in samples}) == list(range(0, 20, 2))
     assert t.engine.pushes == 10
+
+
+def test_a_failed_push_stops_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    from align.checkpoint import latest_checkpoint
+    from align.trainer import TrainingError
+    from rollouts.engine_state import EngineError
+
+    cfg = online_config(tmp_path, steps=3)
+    t = trainer_for(cfg)
+    t.setup()
+
+    def hangs(named_tensors, version=None):
+        raise EngineError("weight push failed at bucket 1 (model.embed_tokens.weight … lm_head.weight): "
+                          "CallTimeout: did not return within 600 s")
+
+    monkeypatch.setattr(t.engine, "load_weights", hangs)
+    with pytest.raises(TrainingError, match=r"step 1: weight push failed at bucket 1 .* saved in .*step-00000001; "
+                                            "run the same command again to resume"):
+        t.fit()
+    assert latest_checkpoint(cfg["run_dir"]).endswith("step-00000001")
+
+
+def test_engine_sync_pushes_when_due_and_wakes_weights_first():
+    from align.online import EngineSync
+
+    class FakeEngine:
+        copies_weights, weight_version = True, 0
+
+        def __init__(self):
+            self.calls = []
+
+        def load_weights(self, named_tensors, version=None):
+            self.calls.append(("push", version))
+            self.weight_version = version
+
+        def sleep(self):
+            self.calls.append("sleep")
+
+        def wake_weights(self):
+            self.calls.append("wake_weights")
+
+        def wake(self):
+            self.calls.append("wake")
+
+    e = FakeEngine()
+    sync = EngineSync(e, lambda: iter(()), sync_every=2, sleep=True)
+    sync.before_updates()
+    assert sync.after_updates(1) == {}  # one update behind: not yet
+    m = sync.after_updates(2)
+    assert m["engine/weight_version"] == 2.0
+    assert e.calls == ["sleep", "wake_weights", "wake", "wake_weights", ("push", 2), "wake"]
+    e.calls.clear()
+    sync.ensure_current(3)  # evaluation after an unpushed update
+    sync.ensure_current(3)
+    assert e.calls == ["wake_weights", ("push", 3), "wake"]

@@ -217,3 +217,11 @@ def test_reward_model_uses_its_chat_template_for_chat_prompts(reward_model_dir):
 def test_reward_model_bad_path():
     with pytest.raises(ValueError, match="cannot load a sequence-classification model from"):
         load_reward("reward_model", {"path": "/nonexistent/rm"})
+
+
+def test_align_rewards_command(capsys):
+    from align.cli import main
+
+    assert main(["rewards"]) == 0
+    out = capsys.readouterr().out
+    assert "exact_match: " in out and "reward_model: " in out and "tolerance = 1e-06" in out
