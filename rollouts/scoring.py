@@ -14,7 +14,6 @@ The total reward of a sample is ``Σ_k weight_k · r_k``.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import math
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .timeouts import CallTimeout, call_with_timeout
+from .timeouts import CallTimeout, call_with_timeout, run_call
 
 log = logging.getLogger("rollouts")
 
@@ -104,7 +103,7 @@ class Scorer:
     def _run(self, term: RewardTerm, prompts, completions, cols) -> tuple[list[float], list[int]]:
         n = len(completions)
         try:
-            values = call_with_timeout(term.fn, prompts, completions, timeout=self.timeout_s, **cols)
+            values = call_with_timeout(term.fn, (prompts, completions), cols, timeout=self.timeout_s)
             problem = _check_values(values, n)
             if problem is None:
                 return [float(v) for v in values], []
@@ -138,13 +137,8 @@ class Scorer:
 
         def one(i: int):
             try:
-                out = term.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in cols.items()})
-                if inspect.isawaitable(out):
-                    async def wait():
-                        return await out
-
-                    out = asyncio.run(wait())
-                boxes[i]["value"] = out
+                boxes[i]["value"] = run_call(term.fn, ([prompts[i]], [completions[i]]),
+                                             {k: [v[i]] for k, v in cols.items()})
             except BaseException as e:
                 boxes[i]["error"] = e
 

@@ -17,7 +17,8 @@ class CallTimeout(TimeoutError):
     pass
 
 
-def _run(fn: Callable, args: tuple, kwargs: dict) -> Any:
+def run_call(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)``, run to completion on its own event loop when it returns an awaitable."""
     out = fn(*args, **kwargs)
     if inspect.isawaitable(out):
         async def wait():
@@ -27,22 +28,23 @@ def _run(fn: Callable, args: tuple, kwargs: dict) -> Any:
     return out
 
 
-def call_with_timeout(fn: Callable, *args, timeout: float | None, setup: Callable[[], None] | None = None,
-                      **kwargs) -> Any:
+def call_with_timeout(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, timeout: float | None,
+                      setup: Callable[[], None] | None = None) -> Any:
     """``fn(*args, **kwargs)`` (awaited when it returns an awaitable), or :class:`CallTimeout` after ``timeout`` s.
 
     ``timeout=None`` runs in the calling thread with no deadline (coroutines still get their own loop). ``setup`` runs
     first in the worker thread (e.g. ``torch.cuda.set_device``: the current device is per thread).
     """
+    kwargs = kwargs or {}
     if timeout is None:
-        return _run(fn, args, kwargs)
+        return run_call(fn, args, kwargs)
     box: dict[str, Any] = {}
 
     def target():
         try:
             if setup is not None:
                 setup()
-            box["value"] = _run(fn, args, kwargs)
+            box["value"] = run_call(fn, args, kwargs)
         except BaseException as e:  # handed to the caller
             box["error"] = e
 

@@ -101,13 +101,17 @@ def platform_facts() -> dict:
 
 def create_llm(model: str, *, dtype: str, seed: int, max_model_len: int | None, enforce_eager: bool,
                enable_sleep_mode: bool, extra: dict) -> Any:
-    vllm = import_vllm()
-    check_version()
-    configure_process()
+    for key, instead in (("model", "model.name"), ("dtype", "model.dtype"), ("seed", "seed"),
+                         ("enable_sleep_mode", "engine.sleep"), ("max_model_len", "engine.max_model_len")):
+        if key in extra:
+            raise ValueError(f"engine.options.{key}: set `{instead}` instead (align passes it to vLLM itself)")
     mode = extra.pop("logprobs_mode", "raw_logprobs")
     if mode != "raw_logprobs":
         raise ValueError(f"engine.options.logprobs_mode={mode!r}: align compares the engine's log-probs with the "
                          "trainer's temperature-1 log-probs and needs 'raw_logprobs'")
+    vllm = import_vllm()
+    check_version()
+    configure_process()
     kwargs = dict(model=model, dtype=dtype, seed=seed, enforce_eager=enforce_eager, logprobs_mode="raw_logprobs",
                   enable_sleep_mode=enable_sleep_mode)
     if max_model_len is not None:

@@ -217,7 +217,7 @@ class VLLMEngine:
             device = self._cuda_device
             setup = lambda: torch.cuda.set_device(device)  # noqa: E731 (the current device is per thread)
         try:
-            call_with_timeout(vx.reload_weights, self.llm, bucket, timeout=self.push_timeout_s, setup=setup)
+            call_with_timeout(vx.reload_weights, (self.llm, bucket), timeout=self.push_timeout_s, setup=setup)
         except CallTimeout as e:
             raise CallTimeout(f"vLLM's reload_weights {e} (engine.push_timeout_s)") from None
 

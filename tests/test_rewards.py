@@ -69,6 +69,7 @@ def test_unknown_reward_and_bad_options():
 
 # ------------------------------------------------------------------------------------------------- the runner
 def length_reward(prompts, completions, **fields):
+    assert fields.get("timeout", [1])[0] in (1, 2, 3)
     return [float(len(c)) for c in completions]
 
 
@@ -97,7 +98,8 @@ def user_factory(bonus=0.0):
     return lambda prompts, completions, **f: [1.0 + bonus] * len(completions)
 
 
-FIELDS = [{"answer": "a", "extra": 1}, {"answer": "b", "extra": 2}, {"answer": "c", "extra": 3}]
+# "timeout" as a column name must reach the function, not the runner's own deadline argument
+FIELDS = [{"answer": "a", "timeout": 1}, {"answer": "b", "timeout": 2}, {"answer": "c", "timeout": 3}]
 
 
 def test_weighted_sum_async_and_column_filtering():

@@ -223,3 +223,15 @@ def test_failing_push_names_the_bucket(fake_engine, tiny_model):
     with pytest.raises(EngineError, match=r"bucket 1 \(model.embed_tokens.weight … .*RuntimeError: kernel exploded"):
         engine.load_weights(tiny_model.state_dict().items())
     assert engine.state is EngineState.BROKEN
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"dtype": "bfloat16"}, "engine.options.dtype: set `model.dtype` instead"),
+    ({"logprobs_mode": "processed_logprobs"}, "needs 'raw_logprobs'"),
+])
+def test_engine_options_that_align_sets_itself_are_refused(options, match):
+    from rollouts import vllm_adapter as vx
+
+    with pytest.raises(ValueError, match=match):
+        vx.create_llm("m", dtype="float32", seed=0, max_model_len=None, enforce_eager=True, enable_sleep_mode=False,
+                      extra=dict(options))
