@@ -66,6 +66,7 @@ class VLLMEngine:
         self.push_timeout_s = push_timeout_s
         self._state = StateMachine("the vLLM engine")
         self._weights_discarded = False
+        self._sleep_noted = False  # the CPU no-op is logged once per engine
         self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.llm = vx.create_llm(model, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                  enforce_eager=self.on_cpu if enforce_eager is None else enforce_eager,
@@ -91,8 +92,9 @@ class VLLMEngine:
         if self.sleep_supported:
             vx.sleep(self.llm, self.sleep_level)
             self._weights_discarded = self.sleep_level == 2
-        else:
-            _log_once("vLLM has no sleep mode on this platform (CPU): sleep()/wake() only track the engine state")
+        elif not self._sleep_noted:
+            self._sleep_noted = True
+            log.info("vLLM has no sleep mode on this platform (CPU): sleep()/wake() only track the engine state")
         self._state.to(S)
 
     def wake_weights(self) -> None:
@@ -240,11 +242,3 @@ def _eos_ids(tokenizer, model_path: str) -> set[int]:
         ids.update(int(x) for x in eos)
     return ids
 
-
-_logged: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
