@@ -200,9 +200,9 @@ class Trainer:
     def _fill_needs(self, batch: Batch, units: list[list[int]]) -> dict[str, float]:
         """Fill what the loss needs; for rollouts also the engine-vs-trainer mismatch and ``tis_weight``."""
         needs = self.loss.needs
-        if "rewards" in needs and "rewards" not in batch.extras:
-            raise TrainingError(f"loss '{self.loss.name}' needs rewards, but this batch has none (they come from "
-                                "rollouts: add a `rollout:` section)")
+        if "rewards" in needs and "reward" not in batch.extras:
+            raise TrainingError(f"loss '{self.loss.name}' needs rewards (batch.extras['reward']), but this batch has "
+                                "none (they come from rollouts: add a `rollout:` section)")
         if "ref_logprobs" in needs and "ref_logprobs" not in batch.extras:
             batch.extras["ref_logprobs"] = self._logprobs_no_grad(self.ref_model, batch, units)
         online = "engine_logprobs" in batch.extras

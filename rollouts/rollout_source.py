@@ -5,8 +5,8 @@ Each call to :meth:`RolloutSource.next_batch` takes the next prompts (seeded ord
 :class:`Example` per completion; the ``n`` completions of a prompt share ``Example.group`` (the unit of group
 advantages and best-of-N). Every :class:`Sample` carries, in ``fields``:
 
-- ``rewards``: the weighted total reward of the sequence (the batch extra a loss declaring ``needs={"rewards"}``
-  reads; per-term values are in the JSONL);
+- ``reward``: the weighted total reward of the sequence (``batch.extras["reward"]``, (B,), what a loss declaring
+  ``needs={"rewards"}`` reads; per-term values are in the JSONL);
 - ``engine_logprobs``: the engine's raw-distribution log-prob of each token, aligned to ``input_ids`` (0 on the
   prompt), for the engine-vs-trainer mismatch and truncated importance sampling;
 - ``weight_version``: the engine weight version the sample was drawn with.
@@ -45,7 +45,7 @@ class PromptItem:
 
 class RolloutSource:
     online = True  # the trainer pushes weights to the engine after updates
-    provides = frozenset({"rewards", "engine_logprobs", "weight_version"})
+    provides = frozenset({"reward", "engine_logprobs", "weight_version"})
 
     def __init__(self, prompts: list, engine, scorer: Scorer, sampling: SamplingParams, n: int, batch_size: int,
                  seed: int = 0, seeded: bool = True, shuffle: bool = True, samples_path: str | None = None,
@@ -101,7 +101,7 @@ class RolloutSource:
             sample = Sample(
                 input_ids=list(c.prompt_ids) + list(c.token_ids),
                 loss_mask=[False] * P + [True] * L,
-                fields={"rewards": scores.total[k], "engine_logprobs": [0.0] * P + list(c.logprobs),
+                fields={"reward": scores.total[k], "engine_logprobs": [0.0] * P + list(c.logprobs),
                         "weight_version": float(c.weight_version)},
             )
             # group = the prompt's position in the global stream (this rank serves positions rank, rank + world, ...)

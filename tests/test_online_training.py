@@ -28,7 +28,7 @@ class Reinforce(Loss):
     needs = frozenset({"rewards"})
 
     def prepare(self, batch: Batch, ctx: LossContext) -> Batch:
-        r, g = batch.extras["rewards"], batch.group_ids  # (B,), (B,)
+        r, g = batch.extras["reward"], batch.group_ids  # (B,), (B,)
         same = (g[:, None] == g[None, :]).float()  # (B, B)
         batch.extras["advantages"] = r - (same @ r) / same.sum(1)  # R − mean of its group
         return batch

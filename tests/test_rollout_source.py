@@ -42,7 +42,7 @@ def test_groups_fields_and_jsonl(tiny_model, tokenizer, tmp_path):
     assert len(recs) == 6
     for rec, ex in zip(recs, batch):
         want = rec["rewards"]["digits"] + 0.5 * rec["rewards"]["exact_match"]
-        assert rec["reward"] == pytest.approx(want) == ex.samples[0].fields["rewards"]
+        assert rec["reward"] == pytest.approx(want) == ex.samples[0].fields["reward"]
         assert {"batch", "prompt", "completion", "answer", "weight_version", "finish_reason", "tokens"} <= set(rec)
     m = src.last_metrics
     assert m["reward_mean"] == pytest.approx(sum(r["reward"] for r in recs) / 6)
