@@ -28,6 +28,13 @@ def _cmd_losses(args) -> int:
     return 0
 
 
+def _cmd_rewards(args) -> int:
+    from rollouts.rewards import describe_rewards
+
+    print(describe_rewards())
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from .plot import plot_run
 
@@ -84,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", required=True, help="prompt file (json/jsonl/parquet with a `prompt` column)")
     g.add_argument("--out", required=True, help="output JSONL")
     g.set_defaults(fn=_cmd_generate)
+
+    r = sub.add_parser("rewards", help="list the built-in reward functions with their options")
+    r.set_defaults(fn=_cmd_rewards)
 
     pl = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     pl.add_argument("run_dir")

@@ -112,6 +112,17 @@ class EngineConfig:
     name: Literal["hf", "vllm"] = "hf"  # hf: transformers generate (any machine); vllm: in-process vLLM
     batch_size: int = 64  # hf: prompts per generate() call
     options: dict = field(default_factory=dict)  # extra keyword arguments for the engine (e.g. vllm.LLM kwargs)
+    max_model_len: int | None = None  # vllm: longest prompt + completion; null: data.max_length + max_new_tokens
+    sleep: bool = True  # vllm on GPU: free the KV cache during training, wake weights first before each push
+    sleep_level: int = 1  # vllm: 1 offloads the weights to CPU while asleep; 2 discards them (needs sync_every 1)
+    bucket_mb: float = 1024  # vllm: weight push bucket size in MiB (whole layers; bounds gathered ZeRO-3 memory)
+    push_timeout_s: float | None = 600.0  # vllm: a weight-push bucket that takes longer raises instead of hanging
+
+    def check(self, where: str) -> None:
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"{where}.sleep_level must be 1 or 2, got {self.sleep_level}")
+        if self.bucket_mb <= 0:
+            raise ConfigError(f"{where}.bucket_mb must be positive, got {self.bucket_mb}")
 
 
 @dataclass
@@ -133,6 +144,41 @@ class RewardSpec:
 
     def __to_dict__(self, out: dict) -> dict:
         return {"name": self.name, "weight": self.weight, **self.options}
+
+
+@dataclass
+class RolloutConfig:
+    """Online training: prompts → n samples each from the engine → rewards → the loss. Set it to train on rollouts
+    (then `train.batch_size` counts prompts per optimizer step and `data.train` is not read)."""
+
+    prompts: str = ""  # prompt file(s) or hub dataset: a `prompt` column plus the columns rewards read (`answer`)
+    limit: int | None = None  # use at most this many prompts
+    n: int = 4  # samples per prompt (one group)
+    temperature: float = 1.0  # sampling temperature (log-probs are always those of the temperature-1 policy)
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 64  # generation budget per sample
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # weighted sum of these terms
+    reward_timeout_s: float | None = 300.0  # a reward call that takes longer is an error (or the default); null: none
+    reward_on_error: Literal["raise", "default"] = "raise"  # a failing sample: stop with its details, or score default
+    reward_default: float = 0.0  # the reward of a failing sample when reward_on_error is "default" (counted)
+    sync_every: int = 1  # push the policy's weights to the engine every N optimizer updates
+    tis_cap: float = 2.0  # C of the truncated importance weight min(π_trainer/π_engine, C) offered as `tis_weight`
+    seeded: bool = True  # seed every rollout batch (reproducible; vLLM on GPU samples seeded requests a bit slower)
+    shuffle: bool = True  # reshuffle the prompts every epoch (seeded)
+
+    def check(self, where: str) -> None:
+        if not self.prompts:
+            raise ConfigError(f"{where}.prompts is required: a prompt(+answer) file or hub dataset")
+        for name in ("n", "max_new_tokens", "sync_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"{where}: temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0 (0 = off)")
+        if self.tis_cap <= 0:
+            raise ConfigError(f"{where}.tis_cap must be positive, got {self.tis_cap}")
+        if not self.rewards:
+            raise ConfigError(f"{where}.rewards: give at least one reward, e.g. [{{name: exact_match}}]")
 
 
 @dataclass
@@ -173,6 +219,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig | None = None  # online training from rollouts; null: train on data.train
     eval: EvalConfig = field(default_factory=EvalConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -188,11 +235,14 @@ class RunConfig:
     def check(self, where: str) -> None:
         loss_cls = build_loss(self.loss, "loss").__class__
         needs = loss_cls.needs
-        if "rewards" in needs:
+        if "rewards" in needs and self.rollout is None:
             raise ConfigError(
-                f"loss '{self.loss.name}' needs rewards from rollouts, but this version of align has no `rollout:` "
-                "section; use a dataset loss (see `align losses`)"
+                f"loss '{self.loss.name}' needs rewards from rollouts: add a `rollout:` section (prompts, n, rewards), "
+                "or use a dataset loss (see `align losses`)"
             )
+        if self.rollout is not None:
+            check_rollout(self)
+            return
         if self.data.train is None:
             raise ConfigError("data.train is required: a json/jsonl/parquet file or a hub dataset name")
 
@@ -210,6 +260,16 @@ class Pipeline:
     run_dir: str
     stages: list[Stage]
     raw: dict  # the merged mapping, written to RUN_DIR/config.yaml
+
+
+def check_rollout(cfg: "RunConfig") -> None:
+    """What a rollout run needs beyond its own section."""
+    if "pairs" in build_loss(cfg.loss, "loss").needs:
+        raise ConfigError(f"loss '{cfg.loss.name}' trains on preference pairs; rollouts give groups of samples with "
+                          "rewards (use a reward-driven loss, or drop the `rollout:` section)")
+    if cfg.engine.name == "vllm" and cfg.engine.sleep and cfg.engine.sleep_level == 2 and cfg.rollout.sync_every != 1:
+        raise ConfigError("engine.sleep_level 2 discards the engine's weights while training, so every rollout needs "
+                          "a fresh push: set rollout.sync_every: 1, or engine.sleep_level: 1")
 
 
 def build_loss(loss_cfg: LossConfig, where: str = "loss"):

@@ -44,6 +44,9 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own error names the inner key (e.g. a section's field)
+            return convert(value, options[0], where)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -59,6 +59,7 @@ class PromptRow:
     prompt_text: str
     fields: dict[str, Any]
     index: int
+    prompt_messages: list | None = None  # the chat messages when the prompt is a conversation (reward models)
 
 
 @dataclass
@@ -503,7 +504,8 @@ def load_prompts(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None
             continue
         fields = {k: v for k, v in row.items() if k != "prompt"}
         text = row["prompt"] if isinstance(row["prompt"], str) else tokenizer.decode(ids)
-        out.append(PromptRow(prompt_ids=ids, prompt_text=text, fields=fields, index=i))
+        messages = row["prompt"] if isinstance(row["prompt"], list) else None
+        out.append(PromptRow(prompt_ids=ids, prompt_text=text, fields=fields, index=i, prompt_messages=messages))
     if tk.stats.skipped_long_prompt:
         log.warning("%s: skipped %d prompts longer than max_prompt_length", source, tk.stats.skipped_long_prompt)
     if not out:

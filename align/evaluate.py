@@ -9,24 +9,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 
 from rollouts.engine import SamplingParams
 from rollouts.rewards import load_reward
+from rollouts.scoring import RewardTerm, Scorer
 
 from .config import EvalConfig, RewardSpec
 from .data import PromptRow
 
 
-@dataclass
-class ScoredReward:
-    name: str
-    fn: object
-    weight: float
-
-
-def build_rewards(specs: list[RewardSpec]) -> list[ScoredReward]:
-    return [ScoredReward(s.name, load_reward(s.name, s.options), s.weight) for s in specs]
+def build_rewards(specs: list[RewardSpec]) -> list[RewardTerm]:
+    return [RewardTerm(s.name, load_reward(s.name, s.options), s.weight) for s in specs]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,19 +28,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def score(rewards: list[ScoredReward], prompts: list[str], completions: list[str], fields: list[dict]) -> dict[str, list[float]]:
-    keys = {k for f in fields for k in f}
-    columns = {k: [f.get(k) for f in fields] for k in keys}
-    out = {}
-    for r in rewards:
-        values = r.fn(prompts, completions, **columns)
-        if len(values) != len(completions):
-            raise ValueError(f"reward {r.name!r} returned {len(values)} values for {len(completions)} completions")
-        out[r.name] = [float(v) for v in values]
-    return out
+def score(rewards: list[RewardTerm], prompts: list[str], completions: list[str], fields: list[dict]) -> dict[str, list[float]]:
+    """Each reward's values (rollouts/scoring.py: a failing or hanging reward raises, naming the sample)."""
+    return Scorer(rewards)(prompts, completions, fields).terms
 
 
-def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[ScoredReward], seed: int = 0,
+def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[RewardTerm], seed: int = 0,
              samples_path: str | None = None, completions_out: list | None = None) -> dict[str, float]:
     """Metrics of ``engine``'s samples on ``prompts``; the completions are appended to ``completions_out``."""
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
@@ -56,7 +42,7 @@ def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[Sc
         completions_out.extend(comps)
     rows = [prompts[c.prompt_index] for c in comps]
     scores = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], [r.fields for r in rows])
-    first = rewards[0].name
+    first = next(iter(scores))
     metrics = {"accuracy": sum(scores[first]) / len(comps)}
     for name, vals in scores.items():
         metrics[f"reward/{name}"] = sum(vals) / len(vals)

@@ -85,21 +85,27 @@ class Trainer:
         tok_path = cfg.model.tokenizer or base
         self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
 
-        examples, stats, fmt = load_examples(cfg.data.train, self.tokenizer, cfg.data, progress=cfg.log.progress)
-        if "pairs" in needs and fmt != "preference":
-            raise TrainingError(f"loss '{self.loss.name}' trains on preference pairs but {cfg.data.train} is "
-                                f"'{fmt}' data; give prompt/chosen/rejected rows")
-        if "pairs" not in needs and fmt == "preference":
-            raise TrainingError(f"loss '{self.loss.name}' does not use preference pairs; {cfg.data.train} has "
-                                "chosen/rejected rows (use a preference loss such as dpo)")
-        self.data_stats = stats
-        log.info("data: %s", stats.summary())
+        if cfg.rollout is None:
+            examples, stats, fmt = load_examples(cfg.data.train, self.tokenizer, cfg.data, progress=cfg.log.progress)
+            if "pairs" in needs and fmt != "preference":
+                raise TrainingError(f"loss '{self.loss.name}' trains on preference pairs but {cfg.data.train} is "
+                                    f"'{fmt}' data; give prompt/chosen/rejected rows")
+            if "pairs" not in needs and fmt == "preference":
+                raise TrainingError(f"loss '{self.loss.name}' does not use preference pairs; {cfg.data.train} has "
+                                    "chosen/rejected rows (use a preference loss such as dpo)")
+            self.data_stats = stats
+            log.info("data: %s", stats.summary())
+        else:  # online: prompts now, examples from rollouts (align/online.py)
+            examples = load_prompts(cfg.rollout.prompts, self.tokenizer, cfg.data, cfg.rollout.limit)
+            self.data_stats = None
+            log.info("rollout prompts: %d from %s", len(examples), cfg.rollout.prompts)
         self.eval_prompts = None
         if cfg.eval.prompts:
             self.eval_prompts = load_prompts(cfg.eval.prompts, self.tokenizer, cfg.data, cfg.eval.limit)
 
         self.experience_size = cfg.train.batch_size * self.loss.minibatches
-        self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        if cfg.rollout is None:
+            self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.total_steps = self._total_steps(len(examples))
 
         weights = os.path.join(self.resume_from, "model") if self.resume_from else base
@@ -120,11 +126,16 @@ class Trainer:
             self.ref_model.eval().requires_grad_(False)
 
         self.backend = TorchBackend(self.model, cfg.train, self.total_steps)
-        self.engine = None
-        if self.eval_prompts is not None:
-            from rollouts.hf_engine import HFEngine
+        self.engine = self.engine_sync = None
+        if self.eval_prompts is not None or cfg.rollout is not None:
+            from .online import EngineSync, build_engine, build_rollout_source, checkpoint_step
 
-            self.engine = HFEngine(self.model, self.tokenizer, batch_size=cfg.engine.batch_size)
+            self.engine = build_engine(cfg, self.model, self.tokenizer, weights, checkpoint_step(self.resume_from))
+            self.engine_sync = EngineSync(self.engine, self.backend.named_weights,
+                                          sync_every=cfg.rollout.sync_every if cfg.rollout else 1,
+                                          sleep=cfg.engine.name == "vllm" and cfg.engine.sleep)
+            if cfg.rollout is not None:
+                self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size)
         from .evaluate import build_rewards
 
         self.eval_rewards = build_rewards(cfg.eval.rewards) if self.eval_prompts is not None else []
@@ -192,12 +203,27 @@ class Trainer:
             out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
         return out
 
-    def _fill_needs(self, batch: Batch, units: list[list[int]]) -> None:
+    def _fill_needs(self, batch: Batch, units: list[list[int]]) -> dict[str, float]:
+        """Fill what the loss needs; for rollouts also the engine-vs-trainer mismatch and ``tis_weight``."""
         needs = self.loss.needs
+        if "rewards" in needs and "reward" not in batch.extras:
+            raise TrainingError(f"loss '{self.loss.name}' needs rewards (batch.extras['reward']), but this batch has "
+                                "none (they come from rollouts: add a `rollout:` section)")
         if "ref_logprobs" in needs and "ref_logprobs" not in batch.extras:
             batch.extras["ref_logprobs"] = self._logprobs_no_grad(self.ref_model, batch, units)
+        online = "engine_logprobs" in batch.extras
+        if "old_logprobs" not in needs and not online:
+            return {}
+        policy = self._logprobs_no_grad(self.model, batch, units)  # the policy before this batch's updates
         if "old_logprobs" in needs:
-            batch.extras["old_logprobs"] = self._logprobs_no_grad(self.model, batch, units)
+            batch.extras["old_logprobs"] = policy
+        if not online:
+            return {}
+        from .offpolicy import engine_mismatch
+
+        metrics, batch.extras["tis_weight"] = engine_mismatch(policy, batch.extras["engine_logprobs"],
+                                                              batch.loss_mask, self.cfg.rollout.tis_cap)
+        return metrics
 
     def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
         sel = torch.as_tensor(rows, device=batch.loss_mask.device)
@@ -274,10 +300,12 @@ class Trainer:
                 batch, units = collate(examples, self.tokenizer.pad_token_id)
                 batch = batch.to(self.device)
                 t0 = time.time()
-                self._fill_needs(batch, units)
+                batch_metrics = {**getattr(self.source, "last_metrics", {}), **self._fill_needs(batch, units)}
                 gctx = self._context(batch, [r for u in units for r in u], 1)
                 with torch.no_grad():
                     batch = self.loss.prepare(batch, gctx)
+                if self.source.online:
+                    self.engine_sync.before_updates()
                 for epoch in range(self.loss.epochs):
                     order = list(range(len(units)))
                     if self.loss.epochs > 1 or self.loss.minibatches > 1:
@@ -286,13 +314,15 @@ class Trainer:
                     for part in parts:
                         if self.step >= stop_at or len(part) == 0:
                             break
-                        metrics = self._optimizer_step(batch, [units[i] for i in part])
+                        metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}
                         self.step += 1
                         now = time.time()
                         metrics["step_time"] = now - t0
                         metrics["tokens_per_s"] = metrics["tokens"] / max(now - t0, 1e-9)
                         t0 = now
                         self._after_step(metrics, logger)
+                if self.source.online:
+                    self._sync_engine(logger)
                 if self.step >= next_save and self.step < self.total_steps:
                     self.save()
                     next_save = self._next_multiple(cfg.train.save_every)
@@ -305,6 +335,20 @@ class Trainer:
             return self.summary
         self._finish(logger)
         return self.summary
+
+    def _sync_engine(self, logger: MetricsLogger) -> None:
+        """After an experience batch's updates: push the new weights to the rollout engine (align/online.py)."""
+        from rollouts.engine_state import EngineError
+
+        try:
+            metrics = self.engine_sync.after_updates(self.step)
+        except EngineError as e:
+            path = self.save()
+            logger.close()
+            raise TrainingError(f"step {self.step}: {e}. The trained weights are saved in {path}; run the same "
+                                "command again to resume from there") from e
+        if metrics:
+            logger.log(self.step, metrics, kind="engine")
 
     def _next_multiple(self, every: int) -> int:
         if not every:
@@ -333,6 +377,7 @@ class Trainer:
         logger.progress(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
 
     def _evaluate(self, logger: MetricsLogger, tag: str) -> dict:
+        self.engine_sync.ensure_current(self.step)
         t0 = time.time()
         metrics = evaluate_model(self, tag)
         metrics["eval_time"] = time.time() - t0
@@ -348,7 +393,7 @@ class Trainer:
         final = ckpt.save_final(self.run_dir, lambda folder: self.backend.save_model(folder, self.tokenizer))
         self.summary["final_model"] = final
         self.summary["steps"] = self.step
-        self.summary["data"] = self.data_stats.summary()
+        self.summary["data"] = self.data_stats.summary() if self.data_stats else f"{len(self.source)} prompts"
         logger.close()
         if cfg.log.plots:
             from .plot import plot_run

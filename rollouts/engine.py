@@ -2,6 +2,9 @@
 
 Log-prob convention: ``Completion.logprobs[i]`` is the log-probability of ``token_ids[i]`` under the model's raw
 distribution (temperature 1, no top-p/top-k), the quantity the trainer recomputes, so the two can be compared.
+
+Weight versions: every push stamps a version (the trainer passes its optimizer step) and every completion records
+the version it was sampled with.
 """
 
 from __future__ import annotations
@@ -35,13 +38,20 @@ class Completion:
 
 class Engine(Protocol):
     weight_version: int
+    copies_weights: bool  # True: the engine has its own copy and needs pushes; False: it samples the policy itself
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[Completion]:
         """``n`` completions per prompt, prompt-major: completions of prompt 0 first."""
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights (full, unsharded tensors in Hugging Face naming)."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
+        """Replace the engine's weights from a lazy stream of full, unsharded tensors in Hugging Face naming, and
+        stamp ``version`` (default: previous + 1)."""
 
-    def sleep(self) -> None: ...
+    def sleep(self) -> None:
+        """Free generation memory for the training phase (where the engine supports it)."""
 
-    def wake(self) -> None: ...
+    def wake_weights(self) -> None:
+        """Bring the weights back (before a push), not yet the generation memory."""
+
+    def wake(self) -> None:
+        """Ready to generate."""

