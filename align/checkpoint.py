@@ -86,6 +86,16 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, CKPT)
 
 
+def _commit(tmp: str, final: str, name: str) -> None:
+    """Mark ``tmp`` complete, flush it to disk and rename it to ``final`` (replacing an older one)."""
+    with open(os.path.join(tmp, COMPLETE), "w") as f:
+        f.write(name)
+    _fsync_tree(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 class _OneProcess:
     is_main = True
     world_size = 1
@@ -124,12 +134,7 @@ def save_checkpoint(run_dir: str, step: int, save_model, optimizer_state: dict, 
             torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                 json.dump(trainer_state, f)
-            with open(os.path.join(tmp, COMPLETE), "w") as f:
-                f.write(name)
-            _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _commit(tmp, final, name)
             atomic_write_text(os.path.join(root, LATEST), name)
     except BaseException as e:
         if comm.is_main:
@@ -198,12 +203,7 @@ def save_final(run_dir: str, save_model, name: str = "final", *, comm=None) -> s
         save_model(tmp)
         comm.barrier()
         if comm.is_main:
-            with open(os.path.join(tmp, COMPLETE), "w") as f:
-                f.write(name)
-            _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _commit(tmp, final, name)
     except BaseException as e:
         if comm.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

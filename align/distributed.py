@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,11 @@ def setup(cfg) -> Dist:
         os.environ.setdefault(key, default)  # a plain `python` run: a group of one
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if rank != 0:
+        logging.getLogger("align").setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 marks deprecated, once per call: not ours to act on
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
     cuda = torch.cuda.is_available() and b.device in ("auto", "cuda")
     device = torch.device(f"cuda:{local}") if cuda else resolve_device(b.device if b.device != "auto" else "cpu")
     if device.type == "cuda":

@@ -18,6 +18,10 @@ from __future__ import annotations
 import torch
 
 
+# Where DeepSpeed keeps the fp32 copies its optimizer updates: ZeRO-1/2, ZeRO-3, the bf16 optimizer (stage 0).
+MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+
+
 class _Ledger:
     def __init__(self):
         self.seen: set[int] = set()
@@ -57,6 +61,8 @@ def engine_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int]:
                  for p in engine.module.parameters())
     states = sum(ledger.add(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     masters = sum(ledger.add(p.data) for g in optimizer.param_groups for p in g["params"])
+    for name in MASTER_ATTRS:  # DeepSpeed's fp32 partitions the optimizer steps on (not always in param_groups)
+        masters += sum(ledger.add(t) for t in getattr(engine.optimizer, name, None) or [])
     grads = sum(ledger.add(p.grad) for p in engine.module.parameters())
     grads += sum(ledger.add(p.grad) for g in optimizer.param_groups for p in g["params"])
     if engine.optimizer is not optimizer:  # a ZeRO / mixed-precision wrapper: its remaining tensors are grad buffers
