@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections import OrderedDict
 from typing import Iterable, Iterator
 
@@ -111,8 +112,8 @@ class DeepSpeedBackend:
                                                     config=self.ds_config, dist_init_required=False)
         self.optimizer = optimizer  # the base optimizer: its param_groups carry the learning rate
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, total_steps))
-        self._runners = {id(model): self.engine}  # models this backend runs through a DeepSpeed engine
-        self._engines = [self.engine]
+        self._runners: dict[int, tuple] = {}  # id(model) → (weakref to it, its DeepSpeed engine)
+        self._register(model, self.engine)
 
     # ------------------------------------------------------------------------------------------ process group
     @property
@@ -141,13 +142,27 @@ class DeepSpeedBackend:
             engine, _, _, _ = deepspeed.initialize(model=LogprobModule(ref), config=inference_config(self.ds_config),
                                                    dist_init_required=False)
             engine.eval()
-            self._runners[id(ref)] = engine
-            self._engines.append(engine)
+            self._register(ref, engine)
         return ref
+
+    def _register(self, model: torch.nn.Module, engine) -> None:
+        self._runners = {k: v for k, v in self._runners.items() if v[0]() is not None}  # forget freed models
+        self._runners[id(model)] = (weakref.ref(model), engine)
+
+    def _engine_for(self, model: torch.nn.Module):
+        entry = self._runners.get(id(model))
+        if entry is not None and entry[0]() is model:
+            return entry[1]
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            # a frozen model loaded while ZeRO-3 is on (transformers loads it into shards, e.g. a reference for a
+            # precompute pass): it runs only through an engine, so it gets an inference one on first use
+            self.prepare_reference(model)
+            return self._runners[id(model)][1]
+        return None
 
     def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
         """(hidden, log-probs, entropy) of ``model`` — through its DeepSpeed engine when this backend wraps it."""
-        engine = self._runners.get(id(model))
+        engine = self._engine_for(model)
         if engine is None:
             return forward_logprobs(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
                                     with_entropy=with_entropy)

@@ -38,6 +38,18 @@ def run_job(job: dict) -> None:
             if oracle is not None:
                 oracle = {k.removeprefix("model."): v for k, v in oracle.items()}
             torch.save({"named_weights": ours, "deepspeed": oracle}, job["dump_weights"])
+    if job.get("reference_pass"):
+        # a frozen model loaded after setup (as a reference-precompute pass does): under ZeRO-3 transformers loads it
+        # into shards, and backend.forward wraps it in an inference engine on first use; uneven shards per rank
+        from align.collate import collate
+        from align.models import load_model
+
+        fresh = load_model(trainer.base_path, trainer.cfg.model, trainer.device).eval().requires_grad_(False)
+        examples = trainer.source.examples[:5][rank::backend.world_size]
+        batch, units = collate(examples, trainer.tokenizer.pad_token_id)
+        lp = trainer._logprobs_no_grad(fresh, batch, units)
+        torch.save({"index": batch.extras["index"], "logprobs": lp, "loss_mask": batch.loss_mask},
+                   f"{job['reference_pass']}.rank{rank}")
     if job.get("memory"):
         mem = backend.memory_bytes()
         every = [None] * backend.world_size

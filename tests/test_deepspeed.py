@@ -130,6 +130,21 @@ def test_example_yaml_loads():
     assert (b.name, b.zero_stage, b.deepspeed_config) == ("deepspeed", 3, "examples/ds_zero3.json")
 
 
+def test_resume_refuses_a_mismatched_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from align.checkpoint import CheckpointError
+    from align.deepspeed_backend import DeepSpeedBackend
+
+    me = SimpleNamespace(stage=3, world_size=2)
+    with pytest.raises(CheckpointError, match=r"written by the torch backend; resume it with that backend"):
+        DeepSpeedBackend.load_state_dict(me, {"optimizer": {}}, str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"written with world_size=4, this run has world_size=2; resume with the same"):
+        DeepSpeedBackend.load_state_dict(me, {"backend": "deepspeed", "zero_stage": 3, "world_size": 4}, str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"has no deepspeed/ folder"):
+        DeepSpeedBackend.load_state_dict(me, {"backend": "deepspeed", "zero_stage": 3, "world_size": 2}, str(tmp_path))
+
+
 def test_agreed_chunk_count_gives_the_same_logprobs(tiny_model):
     """Extra (empty) LM-head chunks, which keep ZeRO-3 ranks in step, change nothing."""
     from align.head import forward_logprobs
@@ -226,8 +241,8 @@ def jobs_for(root):
         "ratio-z3": base_config(root, "ratio-z3", stage=3, steps=4, loss={"name": "ds_losses:ClippedRatio"}),
         "fullkl-z3": base_config(root, "fullkl-z3", stage=3, steps=3, loss={"name": "ds_losses:FullVocabKL"}),
         # NaN on the first example of the second global batch: rank 0 holds it, rank 1 does not
-        "nan-z2": base_config(root, "nan-z2", stage=2, steps=4,
-                              loss={"name": "ds_losses:NaNOnOneRow", "row": DatasetSource([None] * 17, 8)._order[8]}),
+        **{f"nan-z{z}": base_config(root, f"nan-z{z}", stage=z, steps=4, loss={
+            "name": "ds_losses:NaNOnOneRow", "row": DatasetSource([None] * 17, 8)._order[8]}) for z in (0, 2, 3)},
         # bf16 mixed precision (DeepSpeed keeps fp32 master weights): close to fp32, exported in bf16
         "bf16-z3": base_config(root, "bf16-z3", stage=3, backend={"precision": "bf16"}),
         "offload-z3": base_config(root, "offload-z3", stage=3, json_path=ZERO3_OFFLOAD,
@@ -239,6 +254,8 @@ def jobs_for(root):
             job["memory"] = os.path.join(root, f"memory-{job['name']}.json")
         if job["name"] == "sft-z3":
             job["dump_weights"] = os.path.join(root, "weights-z3.pt")
+        if job["name"] == "refkl-z3":
+            job["reference_pass"] = os.path.join(root, "reference-pass")
     # the first half of a ZeRO-3 run; a second torchrun resumes it (test_zero3_resume_continues_identically)
     resume = base_config(root, "resume-z3", stage=3, eval=eval_cfg, train={"save_every": 3})
     jobs.append({"name": "resume-z3-first-half", "config": resume, "max_steps": 3})
@@ -264,6 +281,8 @@ def torch_runs(zero_runs):
     for name, data in specs.items():
         if name.startswith(("sft-", "offload-", "bf16-")):
             out[name] = sft["run_dir"]
+        elif name.startswith("nan-") and name != "nan-z0":
+            out[name] = out["nan-z0"]  # the nan jobs differ only in the stage
         else:
             out[name] = as_torch(data)["run_dir"]
             run_torch(as_torch(data))
@@ -329,6 +348,36 @@ def test_reference_logprobs_under_zero(zero_runs, torch_runs, name):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_a_model_loaded_later_runs_sharded_under_zero3(zero_runs):
+    """A frozen model loaded after setup under ZeRO-3 (as a reference-precompute pass does) comes out of
+    from_pretrained as shards; backend.forward gives it an inference engine and its log-probs equal one process's,
+    with the ranks holding 3 and 2 examples (different LM-head chunk counts, agreed)."""
+    from align.collate import collate
+    from align.config import ModelConfig
+    from align.data import load_examples
+    from align.models import load_model, load_tokenizer
+
+    root, specs, _ = zero_runs
+    cfg = pipeline_from_dict(specs["refkl-z3"]).stages[0].config
+    init = os.path.join(cfg.run_dir, "init-model")
+    model = load_model(init, ModelConfig(name=init), torch.device("cpu"))
+    tok = load_tokenizer(init)
+    examples = load_examples(cfg.data.train, tok, cfg.data, progress=False)[0][:5]
+    from align.head import forward_logprobs
+
+    for rank in range(WORLD):
+        got = torch.load(os.path.join(root, f"reference-pass.rank{rank}"))
+        batch, _ = collate(examples[rank::WORLD], tok.pad_token_id)
+        assert torch.equal(batch.extras["index"], got["index"])
+        with torch.no_grad():
+            _, want, _ = forward_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                          chunk_tokens=cfg.model.chunk_tokens)
+        assert float(batch.loss_mask.sum()) > 0
+        torch.testing.assert_close(got["logprobs"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ratio-z2", "ratio-z3"])
 def test_old_policy_logprobs_under_zero(zero_runs, torch_runs, name):
     """old_logprobs are the policy's own log-probs before the update phase: the first pass has ratio 1 exactly as in
@@ -351,11 +400,16 @@ def test_full_vocabulary_reference_kl_under_zero3(zero_runs, torch_runs):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank(zero_runs, torch_runs):
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(zero_runs, torch_runs, stage):
+    """The NaN is a constant added to one rank's loss (its gradient is finite): the ranks agree to skip, the NaN-
+    poisoned gradient makes DeepSpeed (stage 0: GuardedAdamW) drop the update and its buffers everywhere, and training
+    continues as in one process."""
     root, specs, _ = zero_runs
-    a, _ = assert_same_trajectory(specs["nan-z2"]["run_dir"], torch_runs["nan-z2"])
+    name = f"nan-z{stage}"
+    a, _ = assert_same_trajectory(specs[name]["run_dir"], torch_runs[name])
     assert [r["skipped"] for r in a] == [0.0, 1.0, 0.0, 0.0]
-    assert_same_weights(specs["nan-z2"]["run_dir"], torch_runs["nan-z2"])
+    assert_same_weights(specs[name]["run_dir"], torch_runs[name])
 
 
 @pytest.mark.distributed
