@@ -193,13 +193,12 @@ class Trainer:
     def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         t = self.cfg.train
-        plan, n_real = distributed.pad_plan(plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens),
-                                            self.backend)
-        for i, rows in enumerate(plan):
+        plan, _ = distributed.pad_plan(plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens),
+                                       self.backend)  # same forward count on every rank (ZeRO-3 gathers per module)
+        for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
             mb = batch.select(rows)
             _, lp, _ = self._forward(model, mb)
-            if i < n_real:  # the rest only keep ranks in step (distributed.pad_plan)
-                out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
+            out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
         return out
 
     def _fill_needs(self, batch: Batch, units: list[list[int]]) -> None:
