@@ -12,6 +12,7 @@ from typing import Iterable
 import torch
 
 from .config import TrainConfig
+from .head import forward_logprobs
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -38,7 +39,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 else decay).append(p)
+        dims = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 shards keep their full shape in ds_shape
+        (no_decay if dims < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -96,9 +98,27 @@ class TorchBackend:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, path: str | None = None) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_state(self, folder: str) -> None:
+        """State that every rank writes itself (DeepSpeed shards); one process has none beyond ``state_dict``."""
+
+    def barrier(self) -> None:
+        pass
+
+    # -- forwards: the backend runs the models it owns (DeepSpeed routes them through its engines) -----------------
+    def prepare_reference(self, ref: torch.nn.Module) -> torch.nn.Module:
+        return ref
+
+    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
+        """(hidden (B, T, H), log-probs (B, T), entropy or None) of ``model`` on a micro-batch (align/head.py)."""
+        return forward_logprobs(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
+                                with_entropy=with_entropy)
+
+    def agreed_chunks(self, loss_mask: torch.Tensor, chunk_tokens: int) -> None:
+        return None  # one process: each LM-head call is local
 
     def save_model(self, path: str, tokenizer=None) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
@@ -108,3 +128,12 @@ class TorchBackend:
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         """Full, unsharded tensors in Hugging Face naming (for pushing into a generation engine)."""
         return self.model.state_dict().items()
+
+
+def build_backend(model: torch.nn.Module, cfg, total_steps: int, dist=None):
+    """The backend ``cfg.backend.name`` names: TorchBackend, or DeepSpeedBackend over ``dist``'s process group."""
+    if cfg.backend.name == "deepspeed":
+        from .deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, cfg, total_steps, dist)
+    return TorchBackend(model, cfg.train, total_steps)

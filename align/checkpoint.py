@@ -86,36 +86,66 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, CKPT)
 
 
+def _commit(tmp: str, final: str, name: str) -> None:
+    """Mark ``tmp`` complete, flush it to disk and rename it to ``final`` (replacing an older one)."""
+    with open(os.path.join(tmp, COMPLETE), "w") as f:
+        f.write(name)
+    _fsync_tree(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class _OneProcess:
+    is_main = True
+    world_size = 1
+
+    def barrier(self) -> None:
+        pass
+
+
 def save_checkpoint(run_dir: str, step: int, save_model, optimizer_state: dict, trainer_state: dict,
-                    keep: int = 2) -> str:
-    """Write checkpoint ``step`` atomically. ``save_model(folder)`` writes the Hugging Face model there."""
+                    keep: int = 2, *, save_state=None, comm=None) -> str:
+    """Write checkpoint ``step`` atomically. ``save_model(folder)`` writes the Hugging Face model there.
+
+    Several processes (``comm``: ``is_main``, ``world_size``, ``barrier()``, e.g. a DeepSpeed backend): every rank
+    calls this; rank 0 makes the temporary folder, every rank runs ``save_model`` (ZeRO-3 gathers collectively) and
+    ``save_state(folder)`` (its own shards), and only after a barrier does rank 0 write the rest, rename the folder
+    and switch ``latest`` — so ``latest`` never names a checkpoint some rank has not finished. A final barrier keeps
+    ranks from running ahead of the rename."""
+    comm = comm or _OneProcess()
     root = checkpoint_dir(run_dir)
-    os.makedirs(root, exist_ok=True)
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    # one name all ranks agree on when several write; a pid otherwise (concurrent writers of one run dir)
+    tmp = os.path.join(root, f".tmp-{name}-" + ("dist" if comm.world_size > 1 else str(os.getpid())))
     previous = latest_checkpoint(run_dir)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        if comm.is_main:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        comm.barrier()
         save_model(os.path.join(tmp, "model"))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump(trainer_state, f)
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(name)
-        _fsync_tree(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, LATEST), name)
+        if save_state is not None:
+            save_state(tmp)
+        comm.barrier()
+        if comm.is_main:
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+                json.dump(trainer_state, f)
+            _commit(tmp, final, name)
+            atomic_write_text(os.path.join(root, LATEST), name)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if comm.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise CheckpointError(f"could not write checkpoint {name} ({e.strerror or e}); {kept}") from e
         raise
-    _prune(root, keep)
+    if comm.is_main:
+        _prune(root, keep)
+    comm.barrier()
     return final
 
 
@@ -161,22 +191,24 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
     return state, opt
 
 
-def save_final(run_dir: str, save_model, name: str = "final") -> str:
-    """The finished model, written atomically to ``RUN_DIR/final``."""
+def save_final(run_dir: str, save_model, name: str = "final", *, comm=None) -> str:
+    """The finished model, written atomically to ``RUN_DIR/final`` (``comm``: as in :func:`save_checkpoint`)."""
+    comm = comm or _OneProcess()
     final = os.path.join(run_dir, name)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = f"{final}.tmp-" + ("dist" if comm.world_size > 1 else str(os.getpid()))
+    if comm.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    comm.barrier()
     try:
         save_model(tmp)
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(name)
-        _fsync_tree(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        comm.barrier()
+        if comm.is_main:
+            _commit(tmp, final, name)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if comm.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"could not write the final model to {final} ({e.strerror or e})") from e
         raise
+    comm.barrier()
     return final

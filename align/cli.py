@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -12,6 +13,8 @@ def _cmd_train(args) -> int:
 
     pipe = load_config(args.config, args.overrides)
     results = run(pipe)
+    if os.environ.get("RANK", "0") != "0":  # several processes (torchrun / deepspeed): rank 0 reports
+        return 0
     table = report(results)
     if table:
         print(table)

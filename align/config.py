@@ -197,8 +197,31 @@ class EvalConfig:
 
 @dataclass
 class BackendConfig:
-    name: Literal["torch"] = "torch"  # torch: one process, CPU or one GPU
-    device: str = "auto"  # auto: cuda if available, else cpu
+    """Who owns the parameters and the optimizer step. README "Multi-process training with DeepSpeed ZeRO"."""
+
+    name: Literal["torch", "deepspeed"] = "torch"  # torch: one process, CPU or one GPU; deepspeed: ZeRO data parallel over the processes torchrun / deepspeed started
+    device: str = "auto"  # auto: cuda if available (deepspeed: cuda:LOCAL_RANK), else cpu
+    zero_stage: Literal[0, 1, 2, 3] = 0  # deepspeed: 0 plain data parallel; 1 shards optimizer states; 2 + gradients; 3 + parameters
+    offload_optimizer: bool = False  # deepspeed, stage >= 1: keep optimizer states (and the step) in CPU memory
+    offload_params: bool = False  # deepspeed, stage 3: keep parameter shards in CPU memory between uses
+    cpu_adam: bool = True  # with offload_optimizer: DeepSpeedCPUAdam (vectorised; compiled on first use, ~5 min once); false: torch AdamW (no build, slower step)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # deepspeed: fp32, or bf16 / fp16 mixed precision (16-bit weights and grads, fp32 master weights in the optimizer)
+    deepspeed_config: str | None = None  # optional DeepSpeed JSON for knobs align does not set (buckets, overlap_comm, ...); align's config wins for the keys it sets, and a conflict is an error
+
+    def check(self, where: str) -> None:
+        if self.name == "torch":
+            for key, default in (("zero_stage", 0), ("offload_optimizer", False), ("offload_params", False),
+                                 ("precision", "fp32"), ("deepspeed_config", None)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{where}.{key}={getattr(self, key)!r} needs {where}.name: deepspeed (the torch "
+                                      "backend is one process without ZeRO; launch with torchrun or deepspeed, see "
+                                      "README)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"{where}.offload_params needs {where}.zero_stage: 3 (only ZeRO-3 shards parameters), "
+                              f"got zero_stage {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{where}.offload_optimizer needs {where}.zero_stage 1, 2 or 3 (stage 0 keeps whole "
+                              "optimizer states on every process)")
 
 
 @dataclass
@@ -245,6 +268,9 @@ class RunConfig:
             return
         if self.data.train is None:
             raise ConfigError("data.train is required: a json/jsonl/parquet file or a hub dataset name")
+        from . import dsconfig
+
+        dsconfig.check(self)  # backend / model / train consistency and the DeepSpeed JSON, before any model loads
 
 
 @dataclass

@@ -56,13 +56,22 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _map_chunks(fn, chunk_tokens: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn`` to row chunks of ``tensors`` (checkpointed when a gradient is needed) and concatenate."""
+def _map_chunks(fn, chunk_tokens: int, *tensors: torch.Tensor, n_chunks: int | None = None) -> torch.Tensor:
+    """Apply ``fn`` to row chunks of ``tensors`` (checkpointed when a gradient is needed) and concatenate.
+
+    ``n_chunks``: call ``fn`` exactly this many times (trailing chunks empty). Under ZeRO-3 every call of the LM head
+    gathers its weight, a collective, so all ranks must make the same number of calls (align/distributed.py
+    ``agreed_chunks``)."""
     n = tensors[0].shape[0]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    count = -(-n // chunk_tokens)
+    if n_chunks is not None:
+        if n_chunks < count:
+            raise ValueError(f"n_chunks={n_chunks} cannot hold {n} rows in chunks of {chunk_tokens}")
+        count = n_chunks
     outs = []
-    for start in range(0, n, chunk_tokens):
-        parts = [t[start : start + chunk_tokens] for t in tensors]
+    for i in range(count):
+        parts = [t[i * chunk_tokens : (i + 1) * chunk_tokens] for t in tensors]
         outs.append(checkpoint(fn, *parts, use_reentrant=False) if needs_grad else fn(*parts))
     return torch.cat(outs) if outs else tensors[0].new_zeros(0, dtype=torch.float32)
 
@@ -85,6 +94,7 @@ def token_logprobs(
     chunk_tokens: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    n_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) fp32 log-probs of ``input_ids`` at ``mask`` positions (zero elsewhere), and optionally the (B, T)
     entropy of the predictive distribution there (no gradient)."""
@@ -96,11 +106,11 @@ def token_logprobs(
     def chunk_fn(h_chunk, t_chunk):
         return _gather_logprobs(logits(h_chunk), t_chunk)
 
-    lp = _map_chunks(chunk_fn, chunk_tokens, h, targets)
+    lp = _map_chunks(chunk_fn, chunk_tokens, h, targets, n_chunks=n_chunks)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            ent = _map_chunks(lambda hc: _entropy(logits(hc)), chunk_tokens, h.detach())
+            ent = _map_chunks(lambda hc: _entropy(logits(hc)), chunk_tokens, h.detach(), n_chunks=n_chunks)
         entropy = _scatter(ent, mask, hidden)
     return _scatter(lp, mask, hidden), entropy
 
@@ -122,6 +132,7 @@ def full_kl(
     mask: torch.Tensor,
     *,
     chunk_tokens: int = 1024,
+    n_chunks: int | None = None,
 ) -> torch.Tensor:
     """(B, T) exact KL(P(·|c_t) ‖ Q(·|c_t)) = Σ_v P(v)[log P(v) − log Q(v)] over the whole vocabulary at ``mask``
     positions, chunked. Gradients flow into whichever hidden states require them."""
@@ -134,12 +145,21 @@ def full_kl(
         logq = F.log_softmax(q_logits(hq_chunk), dim=-1)
         return (logp.exp() * (logp - logq)).sum(-1)
 
-    kl = _map_chunks(chunk_fn, chunk_tokens, hp, hq)
+    kl = _map_chunks(chunk_fn, chunk_tokens, hp, hq, n_chunks=n_chunks)
     return _scatter(kl, mask, p_hidden if p_hidden.requires_grad else q_hidden)
 
 
 def ref_kl(policy, hidden: torch.Tensor, ref, ref_hidden: torch.Tensor, mask: torch.Tensor, *,
-           chunk_tokens: int = 1024) -> torch.Tensor:
+           chunk_tokens: int = 1024, n_chunks: int | None = None) -> torch.Tensor:
     """(B, T) exact forward KL(π_ref(·|c_t) ‖ π_θ(·|c_t)) at ``mask`` positions (ASFT's anchor). ``ref_hidden`` is
     constant; the gradient flows through π_θ only (its logit-gradient is softmax(z_θ) − π_ref)."""
-    return full_kl(ref, ref_hidden.detach(), policy, hidden, mask, chunk_tokens=chunk_tokens)
+    return full_kl(ref, ref_hidden.detach(), policy, hidden, mask, chunk_tokens=chunk_tokens, n_chunks=n_chunks)
+
+
+def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+                     chunk_tokens: int = 1024, with_entropy: bool = False, n_chunks: int | None = None):
+    """The policy forward: (B, T, H) hidden states, (B, T) fp32 log-probs at ``loss_mask``, (B, T) entropy or None."""
+    hidden = decoder_hidden(model, input_ids, attention_mask)
+    lp, ent = token_logprobs(model, hidden, input_ids, loss_mask, chunk_tokens=chunk_tokens,
+                             with_entropy=with_entropy, n_chunks=n_chunks)
+    return hidden, lp, ent

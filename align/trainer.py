@@ -32,13 +32,14 @@ from losses import Batch, LossContext
 from rollouts.sources import DatasetSource
 
 from . import checkpoint as ckpt
-from .backend import TorchBackend
+from . import distributed
+from .backend import build_backend
 from .collate import collate, plan_micro_batches
 from .config import RunConfig, build_loss
 from .data import load_examples, load_prompts
-from .head import decoder_hidden, ref_kl, token_logprobs
+from .head import decoder_hidden, ref_kl
 from .metrics import MetricsLogger
-from .models import count_parameters, load_model, load_tokenizer, materialize_model, resolve_device
+from .models import count_parameters, load_model, load_tokenizer, materialize_model
 
 log = logging.getLogger("align")
 
@@ -72,21 +73,30 @@ class Trainer:
         if self._set_up:
             return self
         cfg = self.cfg
+        # processes: one (torch) or the group torchrun / deepspeed started; rank 0 writes logs, metrics, files
+        self.dist = distributed.setup(cfg)
+        self.is_main = self.dist.is_main
         os.makedirs(self.run_dir, exist_ok=True)
-        _log_to_file(self.run_dir)
+        if self.is_main:
+            _log_to_file(self.run_dir)
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.backend.device)
+        self.device = self.dist.device
         self.loss = build_loss(cfg.loss)
         needs = self.loss.needs
 
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        if self.init_path is None and self.is_main:
+            materialize_model(cfg.model, self.run_dir, cfg.seed)
+        self.dist.barrier()
         base = self.init_path or materialize_model(cfg.model, self.run_dir, cfg.seed)
         self.base_path = base
+        self.dist.configure(cfg, base)  # DeepSpeed: its config, before any model loads (ZeRO-3 loads into shards)
         tok_path = cfg.model.tokenizer or base
         self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
 
         if cfg.rollout is None:
-            examples, stats, fmt = load_examples(cfg.data.train, self.tokenizer, cfg.data, progress=cfg.log.progress)
+            examples, stats, fmt = load_examples(cfg.data.train, self.tokenizer, cfg.data,
+                                                 progress=cfg.log.progress and self.is_main)
             if "pairs" in needs and fmt != "preference":
                 raise TrainingError(f"loss '{self.loss.name}' trains on preference pairs but {cfg.data.train} is "
                                     f"'{fmt}' data; give prompt/chosen/rejected rows")
@@ -105,7 +115,8 @@ class Trainer:
 
         self.experience_size = cfg.train.batch_size * self.loss.minibatches
         if cfg.rollout is None:
-            self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+            self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                        rank=self.dist.rank, world_size=self.dist.world_size)
         self.total_steps = self._total_steps(len(examples))
 
         weights = os.path.join(self.resume_from, "model") if self.resume_from else base
@@ -119,13 +130,16 @@ class Trainer:
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
+        self.backend = build_backend(self.model, cfg, self.total_steps, self.dist)
         self.ref_model = None
         if needs & {"ref_logprobs", "ref_model"}:
-            # the frozen initial policy; from the base weights even when resuming
-            self.ref_model = load_model(base, cfg.model, self.device) if self.resume_from else copy.deepcopy(self.model)
+            # the frozen initial policy; from the base weights even when resuming (and under ZeRO-3, whose policy
+            # is already sharded: the reference loads into its own shards)
+            fresh = self.resume_from or self.dist.zero3
+            self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
             self.ref_model.eval().requires_grad_(False)
+            self.ref_model = self.backend.prepare_reference(self.ref_model)
 
-        self.backend = TorchBackend(self.model, cfg.train, self.total_steps)
         self.engine = self.engine_sync = None
         if self.eval_prompts is not None or cfg.rollout is not None:
             from .online import EngineSync, build_engine, build_rollout_source, checkpoint_step
@@ -135,7 +149,8 @@ class Trainer:
                                           sync_every=cfg.rollout.sync_every if cfg.rollout else 1,
                                           sleep=cfg.engine.name == "vllm" and cfg.engine.sleep)
             if cfg.rollout is not None:
-                self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size)
+                self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size,
+                                                   rank=self.dist.rank, world_size=self.dist.world_size)
         from .evaluate import build_rewards
 
         self.eval_rewards = build_rewards(cfg.eval.rewards) if self.eval_prompts is not None else []
@@ -168,7 +183,7 @@ class Trainer:
         if state.get("total_steps") != self.total_steps:
             raise TrainingError(f"{path} was written by a run of {state.get('total_steps')} steps, this config has "
                                 f"{self.total_steps}; resume with the same config or start a new run_dir")
-        self.backend.load_state_dict(opt)
+        self.backend.load_state_dict(opt, path)
         self.source.load_state_dict(state["source"])
         self.step = state["step"]
         self.bad_steps = state.get("bad_steps", 0)
@@ -182,22 +197,24 @@ class Trainer:
             self.backend.save_model(folder, self.tokenizer)
 
         path = ckpt.save_checkpoint(self.run_dir, self.step, save_model, self.backend.state_dict(),
-                                    self._trainer_state(), keep=self.cfg.train.keep_checkpoints)
+                                    self._trainer_state(), keep=self.cfg.train.keep_checkpoints,
+                                    save_state=self.backend.save_state, comm=self.backend)
         log.info("saved checkpoint %s", path)
         return path
 
     # ------------------------------------------------------------------------------------------- forward pieces
     def _forward(self, model, mb: Batch, with_entropy: bool = False):
-        hidden = decoder_hidden(model, mb.input_ids, mb.attention_mask)
-        lp, ent = token_logprobs(model, hidden, mb.input_ids, mb.loss_mask, chunk_tokens=self.cfg.model.chunk_tokens,
-                                 with_entropy=with_entropy)
-        return hidden, lp, ent
+        """(hidden, log-probs, entropy) of ``model``; the backend runs it (through DeepSpeed's engine for its models)."""
+        return self.backend.forward(model, mb.input_ids, mb.attention_mask, mb.loss_mask,
+                                    chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=with_entropy)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         t = self.cfg.train
-        for rows in plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens):
+        plan, _ = distributed.pad_plan(plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens),
+                                       self.backend)  # same forward count on every rank (ZeRO-3 gathers per module)
+        for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
             mb = batch.select(rows)
             _, lp, _ = self._forward(model, mb)
             out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
@@ -226,7 +243,7 @@ class Trainer:
         return metrics
 
     def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
-        sel = torch.as_tensor(rows, device=batch.loss_mask.device)
+        sel = torch.as_tensor(rows, dtype=torch.long, device=batch.loss_mask.device)
         tokens, seqs, micro = self.backend.all_reduce_sum(
             [float(batch.loss_mask[sel].sum()), float(len(rows)), float(n_micro)])
         return LossContext(num_tokens=tokens, num_sequences=seqs, num_micro_batches=int(micro),
@@ -238,40 +255,49 @@ class Trainer:
         rows_all = [r for u in units for r in u]
         plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
         ctx = self._context(batch, rows_all, len(plan))
+        plan, n_real = distributed.pad_plan(plan, self.backend)  # same micro-batch count on every rank
         model = self.backend.module
         model.train()
         total_loss, finite = 0.0, True
         sums: dict[str, float] = {}
         weight = 0
         tokens = 0
-        for rows in plan:
+        for i, rows in enumerate(plan):
+            real = i < n_real  # padded micro-batches run with weight 0 (distributed.pad_plan)
             mb = batch.select(rows)
             hidden, lp, ent = self._forward(model, mb, with_entropy=self.cfg.log.entropy)
             if "ref_model" in self.loss.needs:
                 with torch.no_grad():
                     ref_hidden = decoder_hidden(self.ref_model, mb.input_ids, mb.attention_mask)
-                ctx.ref_kl_fn = lambda h=hidden, rh=ref_hidden, m=mb: ref_kl(
-                    model, h, self.ref_model, rh, m.loss_mask, chunk_tokens=self.cfg.model.chunk_tokens)
+                n_chunks = self.backend.agreed_chunks(mb.loss_mask, self.cfg.model.chunk_tokens)
+                ctx.ref_kl_fn = lambda h=hidden, rh=ref_hidden, m=mb, c=n_chunks: ref_kl(
+                    model, h, self.ref_model, rh, m.loss_mask, chunk_tokens=self.cfg.model.chunk_tokens, n_chunks=c)
             loss, metrics = self.loss(lp, mb, ctx)
+            if not real:
+                loss = loss * 0.0
             if ent is not None:
                 metrics["entropy"] = float((ent * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1))
             value = float(loss.detach())
-            if not math.isfinite(value):
-                finite = False
-                break
+            # a non-finite loss does not stop the loop: every rank must make the same backward calls; the step is
+            # skipped below, on every rank, when any rank saw one
+            finite = finite and math.isfinite(value)
             self.backend.backward(loss)
             total_loss += value
+            n = len(rows) if real else 0
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(rows)
-            weight += len(rows)
-            tokens += int(mb.attention_mask.sum())
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            weight += n
+            tokens += int(mb.attention_mask.sum()) if real else 0
+        finite = self.backend.all_reduce_sum([0.0 if finite else 1.0])[0] == 0
         if finite:
             grad_norm, applied = self.backend.step()
         else:
             self.backend.skip_step()
             grad_norm, applied = float("nan"), False
+        sums, (weight, tokens, total_loss) = distributed.reduce_metrics(sums, [weight, tokens, total_loss],
+                                                                         self.backend)
         out = {k: v / max(weight, 1) for k, v in sums.items()}
-        out.update(loss=self.backend.all_reduce_sum([total_loss])[0] if finite else float("nan"),
+        out.update(loss=total_loss if finite else float("nan"),
                    grad_norm=grad_norm, lr=self.backend.lr, tokens=float(tokens),
                    loss_tokens=float(ctx.num_tokens), sequences=float(ctx.num_sequences))
         out["skipped"] = 0.0 if applied else 1.0
@@ -286,7 +312,7 @@ class Trainer:
             log.info("%s already finished (%d steps); nothing to do", self.run_dir, self.total_steps)
             return self.summary
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                               total_steps=self.total_steps, start_step=self.step)
+                               total_steps=self.total_steps, start_step=self.step, enabled=self.is_main)
         self.logger = logger
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         if self.step == 0 and cfg.eval.before and self.eval_prompts is not None and "before" not in self.summary:
@@ -295,9 +321,13 @@ class Trainer:
         next_eval = self._next_multiple(cfg.eval.every)
         last_log = time.time()
         with _graceful_stop(self):
-            while self.step < stop_at and not self._stop_requested:
+            while self.step < stop_at and not self._stop_agreed():
                 examples = self.source.next_batch()
-                batch, units = collate(examples, self.tokenizer.pad_token_id)
+                # a short last batch can leave a rank without examples: it collates a placeholder and runs only
+                # weight-0 micro-batches, so the ranks stay in step
+                batch, units = collate(examples or self.source.examples[:1], self.tokenizer.pad_token_id)
+                if not examples:
+                    units = []
                 batch = batch.to(self.device)
                 t0 = time.time()
                 batch_metrics = {**getattr(self.source, "last_metrics", {}), **self._fill_needs(batch, units)}
@@ -312,7 +342,7 @@ class Trainer:
                         random.Random(f"{cfg.seed}-{self.step}-{epoch}").shuffle(order)
                     parts = np.array_split(np.array(order), self.loss.minibatches)
                     for part in parts:
-                        if self.step >= stop_at or len(part) == 0:
+                        if self.step >= stop_at or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
                             break
                         metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}
                         self.step += 1
@@ -329,7 +359,7 @@ class Trainer:
                 if self.step >= next_eval and self.step < self.total_steps and self.eval_prompts is not None:
                     self._evaluate(logger, tag=f"step-{self.step}")
                     next_eval = self._next_multiple(cfg.eval.every)
-        if self._stop_requested or self.step < self.total_steps:
+        if self._stop_agreed() or self.step < self.total_steps:
             self.save()
             logger.close()
             return self.summary
@@ -349,6 +379,12 @@ class Trainer:
                                 "command again to resume from there") from e
         if metrics:
             logger.log(self.step, metrics, kind="engine")
+
+    def _stop_agreed(self) -> bool:
+        """A stop signal seen by any rank stops every rank at the same step."""
+        if self.backend.world_size == 1:
+            return self._stop_requested
+        return self.backend.all_reduce_sum([float(self._stop_requested)])[0] > 0
 
     def _next_multiple(self, every: int) -> int:
         if not every:
@@ -390,11 +426,14 @@ class Trainer:
         cfg = self.cfg
         if self.eval_prompts is not None:
             self.summary["after"] = self._evaluate(logger, tag="after")
-        final = ckpt.save_final(self.run_dir, lambda folder: self.backend.save_model(folder, self.tokenizer))
+        final = ckpt.save_final(self.run_dir, lambda folder: self.backend.save_model(folder, self.tokenizer),
+                                comm=self.backend)
         self.summary["final_model"] = final
         self.summary["steps"] = self.step
         self.summary["data"] = self.data_stats.summary() if self.data_stats else f"{len(self.source)} prompts"
         logger.close()
+        if not self.is_main:
+            return
         if cfg.log.plots:
             from .plot import plot_run
 
@@ -417,7 +456,8 @@ def _read_summary(run_dir: str) -> dict:
 def evaluate_model(trainer: Trainer, tag: str) -> dict:
     from .evaluate import evaluate
 
-    path = os.path.join(trainer.run_dir, "samples", f"eval-{tag}.jsonl")
+    # every rank evaluates (under ZeRO-3 generation gathers parameters collectively); rank 0 writes the samples
+    path = os.path.join(trainer.run_dir, "samples", f"eval-{tag}.jsonl") if trainer.is_main else None
     return evaluate(trainer.engine, trainer.eval_prompts, trainer.cfg.eval, trainer.eval_rewards,
                     seed=trainer.cfg.seed, samples_path=path)
 
