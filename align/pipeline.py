@@ -66,7 +66,8 @@ def report(results: dict[str, dict]) -> str:
     lines = []
     for name, summary in results.items():
         before, after = summary.get("before") or {}, summary.get("after") or {}
-        keys = [k for k in ("accuracy", "pass@1", "mean_length") if k in before or k in after]
+        keys = [k for k in ("accuracy", "pass@1", "mean_length", "pref_accuracy", "pref_logp_accuracy", "pref_margin")
+                if k in before or k in after]
         keys += sorted(k for k in after if k.startswith("pass@") and k not in keys)
         if not keys:
             continue
