@@ -1,8 +1,9 @@
 """The run configuration: one YAML file, typed dataclasses, a comment on every field.
 
 A config is a mapping of sections (``model``, ``data``, ``loss``, ``train``, ``engine``, ``rollout``, ``eval``,
-``reference``, ``backend``, ``log``). ``stages:`` turns it into a pipeline: every stage is the top-level config with that stage's
-keys merged over it, and starts from the previous stage's weights.
+``reference``, ``backend``, ``log``). ``stages:`` turns it into a pipeline: every stage is the top-level config with
+that stage's keys merged over it (a stage's ``loss`` replaces the top-level one), and starts from the previous
+stage's weights.
 """
 
 from __future__ import annotations
@@ -370,6 +371,8 @@ def pipeline_from_dict(data: dict) -> Pipeline:
             if key in stage:
                 raise ConfigError(f"stages[{i}].{key}: set `{key}` once at the top level of a pipeline")
         merged = deep_merge(data, stage)
+        if "loss" in stage:  # a stage's loss replaces the top-level one: its options belong to that loss alone
+            merged["loss"] = stage["loss"]
         if i > 0 and "model" in stage and "name" in (stage.get("model") or {}):
             raise ConfigError(f"stages[{i}].model.name: a later stage starts from the previous stage's weights")
         stages.append(Stage(name, from_dict(RunConfig, merged, f"stages[{i}]")))
