@@ -162,3 +162,38 @@ def test_dpo_run_learns_the_preference(tmp_path):
     assert rows[0]["rewards/accuracy"] == 0.0 and rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
     assert rows[-1]["rewards/accuracy"] > 0.9 and rows[-1]["rewards/margins"] > 0
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_eval_pairs_preference_accuracy(tmp_path):
+    """eval.pairs: 0 / 0 before (the policy is the reference); after, the numbers an independent computation gives."""
+    from transformers import AutoModelForCausalLM
+
+    from align.head import decoder_hidden, token_logprobs
+    from align.pref_eval import load_pairs
+
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", pair_rows(12, start=100))
+    cfg = dpo_config(tmp_path, n_pairs=16, eval={"pairs": held_out},
+                     train={"steps": 8, "batch_size": 16, "micro_batch_size": 16, "lr": 3e-3})
+    t = trainer_for(cfg)
+    summary = t.fit()
+    before, after = summary["before"], summary["after"]
+    assert before["pref_accuracy"] == 0.0 and before["pref_margin"] == 0.0
+    assert 0.0 <= before["pref_logp_accuracy"] <= 1.0
+
+    run = cfg["run_dir"]
+    examples = load_pairs(held_out, t.tokenizer, t.cfg.data)
+    batch, _ = collate(examples, t.tokenizer.pad_token_id)
+
+    def seq_logps(path):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, decoder_hidden(model, batch.input_ids, batch.attention_mask),
+                                   batch.input_ids, batch.loss_mask)
+        return (lp * batch.loss_mask).sum(1).double()
+
+    pol, ref = seq_logps(os.path.join(run, "final")), seq_logps(os.path.join(run, "init-model"))
+    h = (pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2])
+    assert after["pref_accuracy"] == pytest.approx((h > 0).double().mean().item())
+    assert after["pref_margin"] == pytest.approx(h.mean().item(), abs=1e-4)
+    assert after["pref_logp_accuracy"] == pytest.approx((pol[0::2] > pol[1::2]).double().mean().item())
+    assert after["pref_margin"] > 0
