@@ -97,11 +97,14 @@ def _final(run_dir):
     return load_weights(os.path.join(run_dir, "dpo", "final"))
 
 
-def test_stop_in_stage_two_then_resume(tmp_path, spy_setup, monkeypatch):
-    straight = two_stage(tmp_path / "a")
+def _uninterrupted_final(tmp_path):
+    straight = two_stage(tmp_path / "straight")
     pipeline.run(pipeline_from_dict(straight))
-    expected = _final(straight["run_dir"])
+    return _final(straight["run_dir"])
 
+
+def test_stop_in_stage_two_then_resume(tmp_path, spy_setup, monkeypatch):
+    expected = _uninterrupted_final(tmp_path)
     cfg = two_stage(tmp_path / "b")
     real_step = Trainer._optimizer_step
 
@@ -126,10 +129,7 @@ def test_stop_in_stage_two_then_resume(tmp_path, spy_setup, monkeypatch):
 
 def test_crash_in_stage_two_then_resume(tmp_path, spy_setup, monkeypatch):
     """A crash (no graceful save) after step 3 of stage 2: the rerun continues from the step-2 checkpoint."""
-    straight = two_stage(tmp_path / "a")
-    pipeline.run(pipeline_from_dict(straight))
-    expected = _final(straight["run_dir"])
-
+    expected = _uninterrupted_final(tmp_path)
     cfg = two_stage(tmp_path / "b")
     real_step = Trainer._optimizer_step
 

@@ -12,12 +12,11 @@ import os
 import pytest
 import torch
 from helpers import tiny_config, write_jsonl
+from test_training import params, trainer_for
 from torch.testing import assert_close
 
 import align.reference as reference
 from align.collate import collate
-from align.config import pipeline_from_dict
-from align.trainer import Trainer
 
 
 def pair_rows(n, start=0):
@@ -36,15 +35,6 @@ def dpo_config(tmp_path, n_pairs=32, **sections):
     if "loss" not in sections:
         cfg["loss"] = {"name": "dpo", "beta": 0.5}
     return cfg
-
-
-def trainer_for(cfg):
-    pipe = pipeline_from_dict(cfg)
-    return Trainer(pipe.stages[0].config, pipe.run_dir)
-
-
-def params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def train_losses(run_dir):
