@@ -213,24 +213,38 @@ def compute(model: torch.nn.Module, examples: list[Example], logprobs_fn: Logpro
                        slots=torch.tensor(slots, dtype=torch.int64))
 
 
+def _load(path: str, key: str, name: str) -> RefLogprobs | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        ref = RefLogprobs.load(path, key)
+    except Exception as e:  # a damaged file: recompute it
+        log.warning("reference cache %s unreadable (%s); recomputing", path, e)
+        return None
+    log.info("reference log-probs (%s): reusing %s (%d samples)", name, path, len(ref))
+    return ref
+
+
 def cached(examples: list[Example], *, weights: str | None, get_model: Callable[[], torch.nn.Module],
            logprobs_fn: LogprobsFn, settings: dict, cache_dir: str, pad_id: int, device: torch.device,
-           progress: bool = True, name: str = "train") -> RefLogprobs:
+           progress: bool = True, name: str = "train", all_agree: Callable[[bool], bool] = lambda ok: ok,
+           is_main: bool = True) -> RefLogprobs:
     """The reference log-probs of ``examples``: from ``cache_dir`` when a file with this key exists, else computed
-    with ``get_model()`` (called only then) and saved there."""
+    with ``get_model()`` (called only then) and saved there.
+
+    Several processes: ``all_agree(hit)`` is True only when every rank found the file, so either all read it or all
+    run the pass (under ZeRO-3 its forwards are collective); every rank computes the same values and rank 0 writes."""
     if weights is None:
         weights = "model:" + model_fingerprint(get_model())
     key = cache_key(weights, examples, settings)
     path = os.path.join(cache_dir, f"ref-{name}-{key[:24]}.safetensors")
-    if os.path.isfile(path):
-        try:
-            ref = RefLogprobs.load(path, key)
-            log.info("reference log-probs (%s): reusing %s (%d samples)", name, path, len(ref))
-            return ref
-        except Exception as e:  # a damaged file: recompute it
-            log.warning("reference cache %s unreadable (%s); recomputing", path, e)
-    ref = compute(get_model(), examples, logprobs_fn, pad_id, device, progress=progress,
+    ref = _load(path, key, name)
+    if all_agree(ref is not None):
+        return ref
+    ref = compute(get_model(), examples, logprobs_fn, pad_id, device, progress=progress and is_main,
                   desc=f"reference log-probs ({name})")
-    ref.save(path, {"key": key, "examples": len(examples), "tokens": int(ref.values.numel()), **settings})
-    log.info("reference log-probs (%s): %d samples, %d tokens, saved to %s", name, len(ref), ref.values.numel(), path)
+    if is_main:
+        ref.save(path, {"key": key, "examples": len(examples), "tokens": int(ref.values.numel()), **settings})
+        log.info("reference log-probs (%s): %d samples, %d tokens, saved to %s", name, len(ref), ref.values.numel(),
+                 path)
     return ref

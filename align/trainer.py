@@ -264,10 +264,11 @@ class Trainer:
             examples, weights=reference.weights_fingerprint(self.base_path), get_model=self._reference_for_precompute,
             logprobs_fn=self._reference_pass, settings=settings, pad_id=self.tokenizer.pad_token_id,
             cache_dir=cfg.reference.cache_dir or os.path.join(self.run_dir, "ref_logprobs"), device=self.device,
-            progress=cfg.log.progress, name=name)
+            progress=cfg.log.progress, name=name, is_main=self.is_main,
+            all_agree=lambda hit: self.backend.all_reduce_sum([float(hit)])[0] == self.dist.world_size)
 
     def _reference_for_precompute(self):
-        if not self.resume_from:
+        if self.step == 0 and not self.resume_from:
             return self.model  # before the first step the policy is the reference
         if self._precompute_model is None:
             self._precompute_model = load_model(self.base_path, self.cfg.model, self.device)
@@ -455,7 +456,8 @@ class Trainer:
         logger.progress(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
 
     def _evaluate(self, logger: MetricsLogger, tag: str) -> dict:
-        self.engine_sync.ensure_current(self.step)
+        if self.engine_sync is not None:  # generation eval: the engine must hold the current weights
+            self.engine_sync.ensure_current(self.step)
         t0 = time.time()
         metrics = evaluate_model(self, tag)
         metrics["eval_time"] = time.time() - t0

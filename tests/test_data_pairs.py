@@ -18,7 +18,8 @@ GOOD = {"prompt": U("What is 1+1?"), "chosen": A("2"), "rejected": A("3")}
 
 
 @pytest.mark.parametrize("rows, row, field, message", [
-    ([GOOD, {"prompt": U("q"), "rejected": A("3")}], 1, "chosen", "is missing (null). every row needs a chosen"),
+    ([GOOD, {"prompt": U("q"), "rejected": A("3")}], 1, "chosen",
+     "is missing. a preference dataset needs the columns chosen, rejected"),
     ([GOOD, {"prompt": U("q"), "chosen": None, "rejected": A("3")}], 1, "chosen", "is missing (null)"),
     ([GOOD, {"prompt": U("q"), "chosen": A("3"), "rejected": A("3")}], 1, "rejected",
      "is identical to 'chosen' (the pair carries no preference)"),

@@ -100,18 +100,20 @@ def test_weights_fingerprint(tmp_path, tiny_dir):
     assert reference.weights_fingerprint(str(tmp_path / "no-such-model")) is None
 
 
-def test_resume_uses_the_initial_weights_as_reference(tmp_path):
-    """Stop after 2 steps, delete the cache, resume: the recomputed reference is the stage's initial model."""
+@pytest.mark.parametrize("stop_after", [2, 4])
+def test_resume_uses_the_initial_weights_as_reference(tmp_path, stop_after):
+    """Stop after 2 steps (or finish all 4), delete the cache, set up again: the recomputed reference is the stage's
+    initial model, not the checkpoint's or the final weights."""
     cfg = dpo_config(tmp_path, train={"steps": 4, "batch_size": 8, "micro_batch_size": 8, "lr": 3e-3})
     t = trainer_for(cfg)
-    t.fit(max_steps=2)
+    t.fit(max_steps=stop_after)
     original = t.ref_cache.values.clone()
     cache_dir = os.path.join(cfg["run_dir"], "ref_logprobs")
     for f in os.listdir(cache_dir):
         os.remove(os.path.join(cache_dir, f))
     t2 = trainer_for(cfg)
     t2.setup()
-    assert t2.resume_from is not None and t2._precompute_model is None  # loaded for the pass, then freed
+    assert t2.step == stop_after and t2._precompute_model is None  # loaded for the pass, then freed
     assert_close(t2.ref_cache.values, original, atol=1e-6, rtol=0)
     t2.fit()
     assert t2.step == 4
@@ -119,20 +121,20 @@ def test_resume_uses_the_initial_weights_as_reference(tmp_path):
 
 def test_chosen_and_rejected_share_one_forward(tmp_path, monkeypatch):
     """Every policy forward holds whole pairs, chosen (row 2i) next to its rejected (row 2i+1)."""
-    import align.trainer as trainer_mod
+    import align.head as head
 
     cfg = dpo_config(tmp_path, train={"steps": 2, "batch_size": 8, "micro_batch_size": 2})
     t = trainer_for(cfg)
     t.setup()
     seen = []
-    real = trainer_mod.decoder_hidden
+    real = head.decoder_hidden
 
     def spy(model, ids, att):
         if torch.is_grad_enabled():
             seen.append(ids.clone())
         return real(model, ids, att)
 
-    monkeypatch.setattr(trainer_mod, "decoder_hidden", spy)
+    monkeypatch.setattr(head, "decoder_hidden", spy)  # the policy forward (head.forward_logprobs) runs through it
     t.fit()
     assert len(seen) == 2 * 4  # 2 steps × (8 pairs / 2 pairs per micro-batch): one forward per micro-batch
     prompt_end = t.tokenizer.convert_tokens_to_ids("<|assistant|>")
