@@ -189,3 +189,37 @@ def test_pipeline_errors(tmp_path):
     cfg["stages"][1]["loss"] = {"name": "dpo", "variant": "ipo"}
     with pytest.raises(ConfigError, match=r"stages\[1\].loss \(dpo\): variant 'ipo' is ambiguous"):
         pipeline_from_dict(cfg)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_example_sft_then_dpo_runs(tmp_path, monkeypatch):
+    """examples/sft_then_dpo.yaml as shipped, shrunk by overrides: both stages report accuracy and preference metrics."""
+    monkeypatch.chdir(REPO)
+    small = ["model.tiny.hidden_size=64", "model.tiny.num_heads=1", "model.tiny.num_layers=1",
+             "model.tiny.intermediate_size=128", "data.limit=32", "eval.limit=6", "eval.pairs_limit=6",
+             "stages.0.train.steps=2", "stages.1.train.steps=2", "log.progress=false", "log.plots=false",
+             "log.tensorboard=false", f"run_dir={tmp_path / 'run'}"]
+    pipe = load_config("examples/sft_then_dpo.yaml", small)
+    assert [(s.name, s.config.loss.name) for s in pipe.stages] == [("sft", "sft"), ("dpo", "dpo")]
+    results = pipeline.run(pipe)
+    for name in ("sft", "dpo"):
+        for when in ("before", "after"):
+            assert {"accuracy", "pref_accuracy", "pref_logp_accuracy", "pref_margin"} <= set(results[name][when])
+    assert results["dpo"]["before"]["pref_accuracy"] == 0.0  # stage 2 starts as its own reference
+    table = pipeline.report(results)
+    assert "[dpo] pref_accuracy" in table and "[sft] accuracy" in table
+
+
+def test_held_out_pairs_match_the_test_questions():
+    """align.tasks.arithmetic's test_pairs.jsonl: the held-out questions, chosen = the answer, rejected ≠ it."""
+    rows = [json.loads(l) for l in open(os.path.join(REPO, "examples", "data", "arith", "test_pairs.jsonl"))]
+    test = [json.loads(l) for l in open(os.path.join(REPO, "examples", "data", "arith", "test.jsonl"))]
+    train = {json.dumps(json.loads(l)["prompt"]) for l in open(os.path.join(REPO, "examples", "data", "arith",
+                                                                           "pairs.jsonl"))}
+    assert len(rows) == len(test) == 200
+    for pair, t in zip(rows, test):
+        assert pair["prompt"] == t["prompt"] and pair["chosen"][0]["content"] == t["answer"]
+        assert pair["rejected"][0]["content"] != t["answer"]
+        assert json.dumps(pair["prompt"]) not in train
