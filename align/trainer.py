@@ -220,9 +220,8 @@ class Trainer:
                           micro_batch_size: int | None = None) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         t = self.cfg.train
-        plan, _ = distributed.pad_plan(plan_micro_batches(batch, units, micro_batch_size or t.micro_batch_size,
-                                                          t.micro_batch_tokens),
-                                       self.backend)  # same forward count on every rank (ZeRO-3 gathers per module)
+        plan = plan_micro_batches(batch, units, micro_batch_size or t.micro_batch_size, t.micro_batch_tokens)
+        plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))  # same forward count on every rank
         for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
             mb = batch.select(rows)
             _, lp, _ = self._forward(model, mb)
@@ -298,7 +297,7 @@ class Trainer:
         rows_all = [r for u in units for r in u]
         plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
         ctx = self._context(batch, rows_all, len(plan))
-        plan, n_real = distributed.pad_plan(plan, self.backend)  # same micro-batch count on every rank
+        plan, n_real = distributed.pad_plan(plan, self.backend, _filler(batch, plan))  # same count on every rank
         model = self.backend.module
         model.train()
         total_loss, finite = 0.0, True
@@ -486,6 +485,18 @@ class Trainer:
         import json
 
         ckpt.atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(self.summary, indent=2))
+
+
+def _filler(batch: Batch, plan: list[list[int]]) -> list[int] | None:
+    """Rows for a rank's weight-0 micro-batches when it has no real one: the batch's first example whole (its
+    samples are adjacent and share a group id), so a preference pair stays a pair. None: pad_plan's default."""
+    if plan or batch.group_ids is None:
+        return None
+    g = batch.group_ids.tolist()
+    k = 1
+    while k < len(g) and g[k] == g[0]:
+        k += 1
+    return list(range(k))
 
 
 def _read_summary(run_dir: str) -> dict:
