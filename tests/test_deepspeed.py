@@ -222,6 +222,14 @@ def run_torch(data: dict) -> Trainer:
 EVAL = {"prompts": None, "max_new_tokens": 4, "limit": 4, "before": True}
 
 
+def with_pairs(root, data: dict) -> dict:
+    """The same run on 17 preference pairs (arithmetic questions, a wrong answer rejected)."""
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"],
+             "rejected": [{"role": "assistant", "content": r["completion"][0]["content"] + "1"}]} for r in arith_rows(17)]
+    data["data"]["train"] = write_jsonl(os.path.join(root, "pairs17.jsonl"), rows)
+    return data
+
+
 def jobs_for(root):
     """name → (DeepSpeed job, torch reference config or None)."""
     os.makedirs(root, exist_ok=True)
@@ -240,6 +248,8 @@ def jobs_for(root):
         "ratio-z2": base_config(root, "ratio-z2", stage=2, steps=4, loss={"name": "ds_losses:ClippedRatio"}),
         "ratio-z3": base_config(root, "ratio-z3", stage=3, steps=4, loss={"name": "ds_losses:ClippedRatio"}),
         "fullkl-z3": base_config(root, "fullkl-z3", stage=3, steps=3, loss={"name": "ds_losses:FullVocabKL"}),
+        # DPO: pairs stay whole on a rank; reference log-probs precomputed collectively before training, cached
+        "dpo-z3": with_pairs(root, base_config(root, "dpo-z3", stage=3, steps=4, loss={"name": "dpo", "beta": 0.5})),
         # NaN on the first example of the second global batch: rank 0 holds it, rank 1 does not
         **{f"nan-z{z}": base_config(root, f"nan-z{z}", stage=z, steps=4, loss={
             "name": "ds_losses:NaNOnOneRow", "row": DatasetSource([None] * 17, 8)._order[8]}) for z in (0, 2, 3)},
@@ -344,6 +354,18 @@ def test_reference_logprobs_under_zero(zero_runs, torch_runs, name):
     root, specs, _ = zero_runs
     a, _ = assert_same_trajectory(specs[name]["run_dir"], torch_runs[name])
     assert abs(a[0]["k3"]) < 1e-6 and a[-1]["k3"] > 1e-4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dpo_with_precomputed_reference_under_zero3(zero_runs, torch_runs):
+    """Every rank runs the same precompute pass (collective gathers), rank 0 writes the cache; the DPO trajectory is
+    one process's, starting at log 2 (policy = reference)."""
+    root, specs, _ = zero_runs
+    run = specs["dpo-z3"]["run_dir"]
+    a, _ = assert_same_trajectory(run, torch_runs["dpo-z3"])
+    assert a[0]["loss"] == pytest.approx(0.6931472, abs=1e-6) and a[-1]["loss"] < a[0]["loss"]
+    assert len(os.listdir(os.path.join(run, "ref_logprobs"))) == 1
 
 
 @pytest.mark.distributed
