@@ -1,34 +1,39 @@
 """Compare the SFT family — sft, dft, asft, psft — on the quickstart task with the same data, seed, initial model and
 budget, and write one table and one figure.
 
-Run from the repository root (CPU; about 6 minutes on 2 busy cores with the defaults):
+Run from the repository root (CPU; the default run took 11.6 minutes on 2 CPU cores shared with other jobs):
 
     OMP_NUM_THREADS=1 python examples/compare_sft.py
-    OMP_NUM_THREADS=1 python examples/compare_sft.py --steps 300 --losses sft,asft,sft_kl --out runs/compare_long
-    OMP_NUM_THREADS=1 python examples/compare_sft.py --set loss.kl_weight=0.05 --set train.lr=5e-4
+    OMP_NUM_THREADS=1 python examples/compare_sft.py --base-steps 300 --steps 150   # from a shared SFT base model
+    OMP_NUM_THREADS=1 python examples/compare_sft.py --losses sft,asft,sft_kl --set loss.kl_weight=0.05
 
 On a GPU machine the same command uses the GPU (`backend.device: auto`); point `--config` at your own run config to
-compare the losses on your model and data (the config must have `eval.prompts`; `--answers` defaults to it).
+compare the losses on your model and data (it must have `eval.prompts` with answers, or give `--answers`).
 
-Writes OUT/compare.md (the table), OUT/compare.png (held-out accuracy, drift, and the training NLL curves),
-OUT/results.json, and one ordinary run directory per loss (OUT/<loss>/: metrics.jsonl, final/, samples/).
+What it does: (1) builds the quickstart's random tiny model once (OUT/init-model), or with `--base-steps N` first
+trains it with plain SFT for N steps into a shared "base model" (OUT/base/), a stand-in for the pretrained model the
+papers start from; (2) trains each loss from that same model for `--steps` (300, half the quickstart's budget, so
+no loss saturates); (3) measures each result on the held-out additions. Writes OUT/compare.md (the table),
+OUT/compare.png (held-out accuracy, drift, and the training NLL curves), OUT/results.json, and an ordinary run
+directory per loss, OUT/<loss>/ (metrics.jsonl, final/, samples/).
 
-What is the same for every loss: the initial weights (built once, OUT/init-model), the training rows and their
-seeded order, the number of optimizer steps, the examples per step (train.batch_size), the learning-rate schedule
-and the evaluation. psft takes its 8 optimizer steps per old-policy snapshot out of the same budget (an experience
-batch is 8 × batch_size rows). Every loss uses its own defaults from `align losses` (asft: λ = 0.1).
+What is the same for every loss: the initial weights, the training rows and their seeded order, the number of
+optimizer steps, the examples per step (train.batch_size), the learning-rate schedule and the evaluation. psft takes
+its 8 optimizer steps per old-policy snapshot out of the same budget (an experience batch is 8 × batch_size rows).
+Every loss uses its own defaults from `align losses` (asft: λ = 0.1, reference = the base model).
 
 Columns:
   accuracy  held-out exact match, greedy decoding (eval.prompts of the config: 200 additions never trained on)
-  drift     mean per-token KL(π_θ ‖ π_init), exact over the vocabulary, teacher-forced on the held-out reference
-            answers (every answer token and the end-of-turn token; align/drift.py). 0 for the initial model.
+  drift     mean per-token KL(π_θ ‖ π_init) from the shared initial (base) model, exact over the vocabulary,
+            teacher-forced on the held-out reference answers (every answer token and the end-of-turn token; the
+            same contexts for every model; align/drift.py). 0 for the initial model.
   NLL       mean per-token −log π_θ of the same held-out answer tokens
 
-How it differs from the papers: the papers fine-tune pretrained 1.5B–8B models on math / medical data and score
-benchmarks; here a 2.4M-parameter random model learns two-digit addition from scratch in a few hundred steps, so
-"drift from the initial model" mostly measures how confident the model has become (the initial model is close to
-uniform), and ASFT's anchor acts like a pull towards that uniform distribution. Start from a trained model with
-`--init PATH` (e.g. runs/quickstart/final) to measure drift from a model that already knows something.
+How it differs from the papers: they fine-tune pretrained 1.5B–8B models on math / medical data for one epoch and
+score benchmarks; here a 2.4M-parameter random model learns two-digit addition from scratch, so "drift from the
+initial model" mostly measures how far from its near-uniform start the model has moved (how confident it became),
+and ASFT's anchor pulls towards that near-uniform distribution. `--base-steps` or `--init PATH` start from a model
+that already knows something.
 """
 
 from __future__ import annotations
@@ -59,9 +64,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="examples/quickstart.yaml", help="run config shared by every loss")
     p.add_argument("--losses", default="sft,dft,asft,psft", help="comma-separated registered losses to compare")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per loss (quickstart: 600)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per loss (the quickstart takes 600)")
     p.add_argument("--out", default="runs/compare_sft", help="output folder (its per-loss runs are replaced)")
-    p.add_argument("--init", default=None, help="start every loss from this model folder instead of the config's")
+    p.add_argument("--base-steps", type=int, default=0,
+                   help="plain-SFT steps that first make a shared initial model (0: the config's model, i.e. the\n"
+                        "quickstart's random init)")
+    p.add_argument("--init", default=None, help="start from this model folder instead of the config's")
     p.add_argument("--answers", default=None, help="held-out prompt+answer file for drift/NLL (default eval.prompts)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run, e.g. train.lr=5e-4 or loss.kl_weight=0.05")
@@ -84,9 +92,10 @@ def held_out_examples(path, tokenizer, data_cfg):
     return out
 
 
-def run_one(base: dict, loss_name: str, init_path: str, out: str, steps: int, overrides: list[str], first: bool):
+def run_one(base: dict, loss_name: str, init_path: str, out: str, steps: int, overrides: list[str], first: bool,
+            run_name: str | None = None):
     cfg = copy.deepcopy(base)
-    cfg["run_dir"] = os.path.join(out, loss_name)
+    cfg["run_dir"] = os.path.join(out, run_name or loss_name)
     cfg["model"] = {**cfg.get("model", {}), "name": init_path}
     loss_cfg = {"name": loss_name}
     cfg["loss"] = loss_cfg
@@ -126,7 +135,13 @@ def main(argv=None) -> int:
 
     if not args.init:
         shutil.rmtree(os.path.join(args.out, "init-model"), ignore_errors=True)  # rebuilt from this config's shape
-    init_path = args.init or materialize_model(checked.model, args.out, checked.seed)  # one init for every loss
+    init_path = args.init or materialize_model(checked.model, args.out, checked.seed)
+    initial_accuracy, base_seconds = None, 0.0
+    if args.base_steps:  # the shared initial model: plain SFT for base_steps, then every loss starts from it
+        print(f"[compare] making the shared initial model: sft for {args.base_steps} steps ...", flush=True)
+        _, summary, base_seconds = run_one(base, "sft", init_path, args.out, args.base_steps, args.set, first=False,
+                                           run_name="base")
+        init_path, initial_accuracy = summary["final_model"], summary["after"]["accuracy"]
     device = resolve_device(checked.backend.device)
     tokenizer = load_tokenizer(checked.model.tokenizer or init_path)
     init = load_model(init_path, checked.model, device).eval()
@@ -134,10 +149,12 @@ def main(argv=None) -> int:
 
     results = []
     base_drift = held_out_drift(init, init, answers, tokenizer.pad_token_id, chunk_tokens=checked.model.chunk_tokens)
-    initial = {"loss": "initial model", "options": {}, "accuracy": None, "drift_kl": 0.0, "nll": base_drift["nll"], "seconds": 0.0}
+    initial = {"loss": "initial model", "options": {}, "accuracy": initial_accuracy, "drift_kl": 0.0,
+               "nll": base_drift["nll"], "seconds": base_seconds}
     for i, name in enumerate(names):
         print(f"[compare] training {name} ({args.steps} steps) ...", flush=True)
-        trainer, summary, seconds = run_one(base, name, init_path, args.out, args.steps, args.set, first=(i == 0))
+        trainer, summary, seconds = run_one(base, name, init_path, args.out, args.steps, args.set,
+                                            first=(i == 0 and initial_accuracy is None))
         if "before" in summary:
             initial["accuracy"] = summary["before"].get("accuracy")
         final = load_model(summary["final_model"], checked.model, device).eval()
@@ -154,7 +171,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"initial": initial, "runs": results, "steps": args.steps, "overrides": args.set}, f, indent=2)
+        json.dump({"initial": initial, "runs": results, "steps": args.steps, "base_steps": args.base_steps,
+                   "overrides": args.set}, f, indent=2)
     png = plot(results, os.path.join(args.out, "compare.png"), args.steps)
     print(table)
     print(f"[compare] wrote {os.path.join(args.out, 'compare.md')} and {png}")
@@ -165,7 +183,10 @@ def markdown_table(rows, args, cfg) -> str:
     t = cfg.train
     lines = [
         f"SFT family on `{cfg.data.train}`: {args.steps} optimizer steps × {t.batch_size} examples, lr {t.lr}, "
-        f"seed {cfg.seed}, same initial model; held-out set `{args.answers or cfg.eval.prompts}`."
+        f"seed {cfg.seed}, every loss from the same initial model ("
+        + (f"{args.base_steps} plain-SFT steps from " if args.base_steps else "")
+        + (f"`{args.init}`" if args.init else "the config's model") + "); "
+        f"held-out set `{args.answers or cfg.eval.prompts}`."
         + (f" Overrides: {' '.join(args.set)}." if args.set else ""),
         "",
         "| loss | options | held-out accuracy | drift KL(π_θ‖π_init) per token | held-out answer NLL | train time (s) |",

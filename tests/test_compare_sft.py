@@ -31,8 +31,10 @@ def test_compare_script_writes_table_and_png(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    assert _script().main(["--config", str(path), "--steps", "3", "--losses", "sft,asft,psft", "--out", str(out),
-                           "--set", "loss.kl_weight=0.2"]) == 0
+    argv = ["--config", str(path), "--base-steps", "2", "--steps", "3", "--losses", "sft,asft,psft", "--out", str(out),
+            "--set", "loss.kl_weight=0.2"]
+    assert _script().main(argv) == 0
+    assert (out / "base" / "final" / "model.safetensors").is_file()  # the shared initial model
     table = (out / "compare.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == \
         ["initial model", "sft", "asft", "psft"]
