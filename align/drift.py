@@ -5,8 +5,9 @@
 
 teacher-forced on the held-out reference completions (c_{i,t} = prompt + the first t−1 answer tokens), exact over
 the whole vocabulary at every completion token (m = loss mask, N = Σ m). Using the reference answers rather than
-each model's own generations gives every model the same contexts, so the numbers are comparable across runs. The
-same pass also reports the mean negative log-likelihood of the reference answers.
+each model's own generations (what ``align eval`` reports as ``kl_to_ref``) gives every model the same contexts, so
+the numbers are comparable across runs. The same pass also reports the mean negative log-likelihood of the
+reference answers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from rollouts.types import Example
 
 from .collate import collate
-from .head import decoder_hidden, ref_kl, token_logprobs
+from .head import decoder_hidden, full_kl, token_logprobs
 
 
 @torch.no_grad()
@@ -30,8 +31,7 @@ def held_out_drift(model, init, examples: list[Example], pad_id: int, *, batch_s
         batch = batch.to(device)
         h = decoder_hidden(model, batch.input_ids, batch.attention_mask)
         h_init = decoder_hidden(init, batch.input_ids, batch.attention_mask)
-        # head.ref_kl(policy, ·, ref, ·) is KL(π_ref ‖ π_policy): the trained model goes in the "ref" slot
-        kl = ref_kl(init, h_init, model, h, batch.loss_mask, chunk_tokens=chunk_tokens)  # (B, T)
+        kl = full_kl(model, h, init, h_init, batch.loss_mask, chunk_tokens=chunk_tokens)  # (B, T) KL(π_θ ‖ π_init)
         lp, _ = token_logprobs(model, h, batch.input_ids, batch.loss_mask, chunk_tokens=chunk_tokens)
         mask = batch.loss_mask
         kl_sum += float(kl[mask].sum())

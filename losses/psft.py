@@ -24,26 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from .base import Loss, check
+from .pg.policy import ppo_clip
 from .reduce import AGGREGATIONS, Aggregation, masked_mean
 from .registry import register
-
-# verl core_algos.compute_policy_loss_vanilla clamps log(π_θ/π_old) to [−20, 20] before exp
-LOG_RATIO_CLAMP = 20.0
-
-
-def clipped_ratio_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                       eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate per token: −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â).
-
-    ``logprobs``, ``old_logprobs``: (B, T); ``advantages``: (B, T) or broadcastable. Returns the (B, T) loss, the
-    detached (B, T) ratio ρ, and a (B, T) bool marking tokens where the clipped branch is the one taken (no
-    gradient there).
-    """
-    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()  # (B, T)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    return torch.maximum(unclipped, clipped), ratio.detach(), clipped > unclipped
 
 
 @dataclass
@@ -76,12 +59,12 @@ class PSFT(Loss):
     def __call__(self, logprobs, batch, ctx):
         mask = batch.loss_mask
         old = batch.extras["old_logprobs"]  # (B, T) constants: π_old at the start of this experience batch
-        per_token, ratio, clipped = clipped_ratio_loss(logprobs, old, torch.ones_like(logprobs),
-                                                       self.opt.eps_low, self.opt.eps_high)
-        loss = ctx.reduce(per_token, mask, self.aggregation)
+        # the PPO clipped surrogate of the RL losses (losses/pg/policy.py: log-ratio clamped to ±20 as in verl)
+        term = ppo_clip(logprobs, old, torch.ones_like(logprobs), self.opt.eps_low, self.opt.eps_high)
+        loss = ctx.reduce(term.loss, mask, self.aggregation)
         return loss, {
             "nll": masked_mean(-logprobs.detach(), mask).item(),
-            "ratio": masked_mean(ratio, mask).item(),
-            "clip_frac": masked_mean(clipped.float(), mask).item(),
+            "ratio": masked_mean(term.ratio, mask).item(),
+            "clip_frac": masked_mean(term.clipped.float(), mask).item(),  # ρ > 1+ε_high: no gradient
             "ppo_kl": masked_mean(old - logprobs.detach(), mask).item(),  # k1 estimate of KL(π_old‖π_θ)
         }

@@ -20,7 +20,6 @@ from align.data import Tokenizer
 from align.head import decoder_hidden, ref_kl, token_logprobs
 from align.trainer import Trainer
 from losses import Batch, LossContext, OptionError
-from losses.psft import clipped_ratio_loss
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -104,11 +103,17 @@ def test_psft_gradient_is_ratio_weighted_sft_with_high_ratios_cut():
 
 
 def test_psft_log_ratio_is_clamped_like_verl():
-    """|log ρ| > 20 is clamped before exp (verl): a huge positive log-ratio gives the clipped value, no inf/NaN."""
-    per, ratio, clipped = clipped_ratio_loss(torch.tensor([[50.0, -50.0]]), torch.zeros(1, 2), torch.ones(1, 2), 0.2, 0.28)
-    assert torch.isfinite(per).all()
-    assert ratio[0, 0].item() == pytest.approx(math.exp(20.0), rel=1e-6) and per[0, 0].item() == pytest.approx(-1.28)
-    assert ratio[0, 1].item() == pytest.approx(math.exp(-20.0), rel=1e-6) and bool(clipped[0, 0]) and not bool(clipped[0, 1])
+    """|log ρ| > 20 is clamped before exp (verl): a huge log-ratio gives the clipped value and no inf/NaN."""
+    lp = torch.tensor([[0.0, 50.0, -50.0]], requires_grad=True)
+    mask = torch.tensor([[False, True, True]])
+    batch = Batch(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), mask,
+                  extras={"old_logprobs": torch.zeros(1, 3)})
+    loss, metrics = losses.get_loss_class("psft")()(lp, batch, ctx_for(mask))
+    assert loss.item() == pytest.approx((-1.28 - math.exp(-20.0)) / 2)
+    assert metrics["ratio"] == pytest.approx((math.exp(20.0) + math.exp(-20.0)) / 2, rel=1e-6)
+    assert metrics["clip_frac"] == 0.5
+    loss.backward()
+    assert torch.isfinite(lp.grad).all() and lp.grad[0, 1] == 0 and lp.grad[0, 2] == 0  # clamp: no gradient outside
 
 
 @pytest.mark.parametrize("name", ["psft", "asft"])
@@ -285,8 +290,9 @@ def test_psft_through_the_trainer(tmp_path):
     real_fill, real_step, real_opt_step = t._fill_needs, t.backend.step, t._optimizer_step
 
     def fill(batch, units):
-        real_fill(batch, units)
+        out = real_fill(batch, units)
         fills.append((len(units), batch.extras["old_logprobs"].clone(), batch.loss_mask.clone()))
+        return out
 
     def opt_step(batch, units):
         seen.append((batch, units))
@@ -334,7 +340,7 @@ def test_psft_epochs_and_derived_step_count(tmp_path):
     assert t.total_steps == 16
     fills = []
     real_fill = t._fill_needs
-    t._fill_needs = lambda b, u: (real_fill(b, u), fills.append(len(u)))
+    t._fill_needs = lambda b, u: (fills.append(len(u)), real_fill(b, u))[1]
     t.fit(max_steps=8)
     assert t.step == 8 and fills == [16, 16]  # 4 steps (2 passes × 2 mini-batches) per snapshot
 
