@@ -1,7 +1,7 @@
 """Compare the SFT family — sft, dft, asft, psft — on the quickstart task with the same data, seed, initial model and
 budget, and write one table and one figure.
 
-Run from the repository root (CPU; the default run took 11.6 minutes on 2 CPU cores shared with other jobs):
+Run from the repository root (CPU; the default run took about 11 minutes on 2 CPU cores shared with other jobs):
 
     OMP_NUM_THREADS=1 python examples/compare_sft.py
     OMP_NUM_THREADS=1 python examples/compare_sft.py --base-steps 300 --steps 150   # from a shared SFT base model
