@@ -170,7 +170,9 @@ class Trainer:
         t = self.cfg.train
         if t.steps is not None:
             return t.steps
-        steps_per_epoch = math.ceil(n_examples / t.batch_size)
+        # each experience batch of batch_size × loss.minibatches examples gives minibatches × loss.epochs steps
+        experience_batches = math.ceil(n_examples / (t.batch_size * self.loss.minibatches))
+        steps_per_epoch = experience_batches * self.loss.minibatches * self.loss.epochs
         return max(1, math.ceil(steps_per_epoch * t.epochs))
 
     # ------------------------------------------------------------------------------------------------- state
