@@ -349,7 +349,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self, max_steps: int | None = None) -> dict:
-        """Train to ``train.steps`` (or ``max_steps`` more optimizer steps, for tests and graceful stops)."""
+        """Train to ``train.steps``, or stop after ``max_steps`` more optimizer steps, rounded up to the end of the
+        experience batch in progress (losses with ``minibatches`` > 1 take several steps per batch)."""
         self.setup()
         cfg = self.cfg
         if self.finished:
@@ -386,7 +387,9 @@ class Trainer:
                         random.Random(f"{cfg.seed}-{self.step}-{epoch}").shuffle(order)
                     parts = np.array_split(np.array(order), self.loss.minibatches)
                     for part in parts:
-                        if self.step >= stop_at or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
+                        # an experience batch is finished before stopping early (max_steps, signals): checkpoints
+                        # sit at experience boundaries, so a resume never skips the rest of a batch
+                        if self.step >= self.total_steps or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
                             break
                         metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}
                         self.step += 1
