@@ -167,6 +167,8 @@ class RolloutConfig:
     tis_cap: float = 2.0  # C of the truncated importance weight min(π_trainer/π_engine, C) offered as `tis_weight`
     seeded: bool = True  # seed every rollout batch (reproducible; vLLM on GPU samples seeded requests a bit slower)
     shuffle: bool = True  # reshuffle the prompts every epoch (seeded)
+    select: Literal["all", "best", "verified", "best_worst"] = "all"  # which samples train: all; best of each prompt (BoN-SFT); reward ≥ select_threshold, deduplicated; best/worst pairs (online DPO)
+    select_threshold: float = 1.0  # select: verified keeps samples whose reward is at least this
 
     def check(self, where: str) -> None:
         if not self.prompts:
@@ -308,9 +310,20 @@ class Pipeline:
 
 def check_rollout(cfg: "RunConfig") -> None:
     """What a rollout run needs beyond its own section."""
-    if "pairs" in build_loss(cfg.loss, "loss").needs:
+    loss = build_loss(cfg.loss, "loss")
+    pairs_out = cfg.rollout.select == "best_worst"
+    if "pairs" in loss.needs and not pairs_out:
         raise ConfigError(f"loss '{cfg.loss.name}' trains on preference pairs; rollouts give groups of samples with "
-                          "rewards (use a reward-driven loss, or drop the `rollout:` section)")
+                          "rewards: set rollout.select: best_worst to pair each prompt's best and worst sample (online "
+                          "DPO), use a reward-driven loss, or drop the `rollout:` section")
+    if pairs_out and "pairs" not in loss.needs:
+        raise ConfigError(f"rollout.select: best_worst makes preference pairs, but loss '{cfg.loss.name}' does not "
+                          "train on pairs (use dpo, or select: best / verified with sft)")
+    if cfg.rollout.select != "all" and ({"rewards", "reference_rewards"} & loss.needs):
+        raise ConfigError(f"rollout.select: {cfg.rollout.select} drops samples, but loss '{cfg.loss.name}' needs every "
+                          "sample of a prompt (rewards, group baselines): use select: all")
+    if "reference_rewards" in loss.needs and loss.reference_samples < 1:
+        raise ConfigError(f"loss '{cfg.loss.name}' needs reference rewards: set loss.reference_samples ≥ 1")
     if cfg.engine.name == "vllm" and cfg.engine.sleep and cfg.engine.sleep_level == 2 and cfg.rollout.sync_every != 1:
         raise ConfigError("engine.sleep_level 2 discards the engine's weights while training, so every rollout needs "
                           "a fresh push: set rollout.sync_every: 1, or engine.sleep_level: 1")

@@ -50,20 +50,51 @@ def build_engine(cfg, model, tokenizer, weights_path: str, step: int = 0):
                       llm_kwargs=dict(e.options), weight_version=step)
 
 
-def build_rollout_source(cfg, prompts, engine, run_dir: str, batch_size: int, rank: int = 0, world_size: int = 1):
+def build_rollout_source(cfg, prompts, engine, run_dir: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                         loss=None, reference_model=None, tokenizer=None):
+    """The RolloutSource, followed (rollouts/processed_source.py) by the steps the loss and ``rollout.select`` ask
+    for: reference-rank counts from samples of ``reference_model`` (a loss needing ``reference_rewards``), then the
+    selection (``rollout.select``)."""
     from rollouts.rollout_source import RolloutSource
+
+    r = cfg.rollout
+    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens, seed=cfg.seed if r.seeded else None)
+    source = RolloutSource(prompts, engine, _scorer(r), sampling, n=r.n, batch_size=batch_size, seed=cfg.seed,
+                           seeded=r.seeded, shuffle=r.shuffle,
+                           samples_path=os.path.join(run_dir, "samples", "rollouts.jsonl"), rank=rank,
+                           world_size=world_size)
+    steps = []
+    needs = loss.needs if loss is not None else frozenset()
+    if "reference_rewards" in needs:
+        from rollouts.hf_engine import HFEngine
+        from rollouts.reference_rewards import ReferenceRewards
+
+        if reference_model is None or tokenizer is None:
+            raise ValueError(f"loss '{loss.name}' needs reference rewards: pass the reference model and tokenizer")
+        # transformers generate on the frozen (or EMA-moving) reference model the trainer holds: no second copy
+        ref_engine = HFEngine(reference_model, tokenizer, batch_size=cfg.engine.batch_size)
+        steps.append(ReferenceRewards(ref_engine, _scorer(r), sampling, loss.reference_samples,
+                                      cache=not loss.reference_ema, add_best="reference_best" in needs,
+                                      seed=cfg.seed, rank=rank))
+    if r.select != "all":
+        from rollouts.selection import build_selector
+
+        steps.append(build_selector(r.select, r.select_threshold))
+    if not steps:
+        return source
+    from rollouts.processed_source import ProcessedSource
+
+    return ProcessedSource(source, steps)
+
+
+def _scorer(r):
     from rollouts.scoring import Scorer
 
     from .evaluate import build_rewards
 
-    r = cfg.rollout
-    scorer = Scorer(build_rewards(r.rewards), timeout_s=r.reward_timeout_s, on_error=r.reward_on_error, default=r.reward_default)
-    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, seed=cfg.seed if r.seeded else None)
-    return RolloutSource(prompts, engine, scorer, sampling, n=r.n, batch_size=batch_size, seed=cfg.seed,
-                         seeded=r.seeded, shuffle=r.shuffle,
-                         samples_path=os.path.join(run_dir, "samples", "rollouts.jsonl"), rank=rank,
-                         world_size=world_size)
+    return Scorer(build_rewards(r.rewards), timeout_s=r.reward_timeout_s, on_error=r.reward_on_error,
+                  default=r.reward_default)
 
 
 class EngineSync:

@@ -32,7 +32,7 @@ from losses import Batch, LossContext
 from rollouts.sources import DatasetSource
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, moving_reference
 from .backend import build_backend
 from .collate import collate, plan_micro_batches
 from .config import RunConfig, build_loss
@@ -131,6 +131,9 @@ class Trainer:
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
         self.backend = build_backend(self.model, cfg, self.total_steps, self.dist)
+        if self.dist.zero3 and (self.loss.reference_ema or "reference_rewards" in needs):
+            raise TrainingError(f"loss '{self.loss.name}' samples from or moves its reference model, which is not "
+                                "supported under ZeRO-3 (sharded parameters); use zero_stage 0-2 or one process")
         self.ref_model = None
         self._precompute_model = None
         self.ref_cache = None  # reference log-probs precomputed over the training data (align/reference.py)
@@ -138,7 +141,7 @@ class Trainer:
             self.ref_cache = self._precomputed_reference(examples, "train")
         self.eval_pairs = self._load_eval_pairs()
         self._precompute_model = None  # a reference loaded only for the precompute pass is freed here
-        if "ref_model" in needs or ("ref_logprobs" in needs and self.ref_cache is None):
+        if "ref_model" in needs or "reference_rewards" in needs or ("ref_logprobs" in needs and self.ref_cache is None):
             # the frozen initial policy; from the base weights when resuming or finished (and under ZeRO-3, whose
             # policy is already sharded: the reference loads into its own shards)
             fresh = self.resume_from or self.step or self.dist.zero3
@@ -157,7 +160,9 @@ class Trainer:
                                           sleep=cfg.engine.name == "vllm" and cfg.engine.sleep)
             if cfg.rollout is not None:
                 self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size,
-                                                   rank=self.dist.rank, world_size=self.dist.world_size)
+                                                   rank=self.dist.rank, world_size=self.dist.world_size,
+                                                   loss=self.loss, reference_model=self.ref_model,
+                                                   tokenizer=self.tokenizer)
         from .evaluate import build_rewards
 
         self.eval_rewards = build_rewards(cfg.eval.rewards) if self.eval_prompts is not None else []
@@ -193,6 +198,8 @@ class Trainer:
             raise TrainingError(f"{path} was written by a run of {state.get('total_steps')} steps, this config has "
                                 f"{self.total_steps}; resume with the same config or start a new run_dir")
         self.backend.load_state_dict(opt, path)
+        if self.loss.reference_ema:
+            moving_reference.load(self.ref_model, path)
         self.source.load_state_dict(state["source"])
         self.step = state["step"]
         self.bad_steps = state.get("bad_steps", 0)
@@ -205,9 +212,14 @@ class Trainer:
         def save_model(folder):
             self.backend.save_model(folder, self.tokenizer)
 
+        def save_state(folder):
+            self.backend.save_state(folder)
+            if self.loss.reference_ema and self.is_main:  # a moving reference is training state (align/moving_reference.py)
+                moving_reference.save(self.ref_model, folder)
+
         path = ckpt.save_checkpoint(self.run_dir, self.step, save_model, self.backend.state_dict(),
                                     self._trainer_state(), keep=self.cfg.train.keep_checkpoints,
-                                    save_state=self.backend.save_state, comm=self.backend)
+                                    save_state=save_state, comm=self.backend)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -249,8 +261,11 @@ class Trainer:
             return {}
         from .offpolicy import engine_mismatch
 
-        metrics, batch.extras["tis_weight"] = engine_mismatch(policy, batch.extras["engine_logprobs"],
-                                                              batch.loss_mask, self.cfg.rollout.tis_cap)
+        mask = batch.loss_mask  # rows another engine sampled (a reference / anchor) are not the policy's samples
+        if "reference_sample" in batch.extras:
+            mask = mask & (batch.extras["reference_sample"] < 0.5)[:, None]
+        metrics, batch.extras["tis_weight"] = engine_mismatch(policy, batch.extras["engine_logprobs"], mask,
+                                                              self.cfg.rollout.tis_cap)
         return metrics
 
     # ---------------------------------------------------------------------------------- precomputed reference
@@ -335,6 +350,8 @@ class Trainer:
         finite = self.backend.all_reduce_sum([0.0 if finite else 1.0])[0] == 0
         if finite:
             grad_norm, applied = self.backend.step()
+            if applied and self.loss.reference_ema:  # a moving reference (J-BOND's anchor) follows the policy
+                moving_reference.ema_update(self.ref_model, model, self.loss.reference_ema)
         else:
             self.backend.skip_step()
             grad_norm, applied = float("nan"), False

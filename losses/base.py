@@ -36,6 +36,10 @@ NEEDS = {
     "ref_model": "a reference model kept in memory, for ctx.ref_kl() (full-vocabulary divergences)",
     "rewards": "(B,) per-sequence rewards: the experience must come from rollouts (a `rollout:` section)",
     "pairs": "rows 2i / 2i+1 are the chosen / rejected completions of pair i (preference data)",
+    "reference_rewards": "(B,) `ref_below`, `ref_equal`, `ref_count`: how many of `reference_samples` samples of the "
+                         "same prompt from the reference policy have a lower / equal reward (rollouts only)",
+    "reference_best": "the best of those reference samples of every prompt, added to the batch as a row with "
+                      "`reference_sample` = 1 (J-BOND's forward term)",
 }
 
 
@@ -108,6 +112,17 @@ class Loss:
     def minibatches(self) -> int:
         """Optimizer steps per pass (the experience batch is split into this many mini-batches)."""
         return int(getattr(self.opt, "minibatches", 1))
+
+    # -- the reference policy: samples from it, and whether it moves ---------------------------------------------
+    @property
+    def reference_samples(self) -> int:
+        """Samples per prompt from the reference policy, for losses that need ``reference_rewards``."""
+        return int(getattr(self.opt, "reference_samples", 0))
+
+    @property
+    def reference_ema(self) -> float:
+        """γ of a moving reference, θ_ref ← (1−γ)·θ_ref + γ·θ after every optimizer step (0: a fixed reference)."""
+        return float(getattr(self.opt, "reference_ema", 0.0))
 
     @property
     def aggregation(self) -> Aggregation:

@@ -67,6 +67,7 @@ class RolloutSource:
         self.samples_path = samples_path
         self.batches = 0  # experience batches made so far (seeds the sampling, numbers the JSONL records)
         self.last_metrics: dict[str, float] = {}
+        self.last_prompts: dict[int, Any] = {}  # group id → prompt of the last batch
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -85,27 +86,16 @@ class RolloutSource:
         comps = self.engine.generate([p.prompt_ids for p in prompts], sampling, n=self.n)
         t1 = time.perf_counter()
         rows = [prompts[c.prompt_index] for c in comps]
-        fields = []
-        for r in rows:
-            f = dict(r.fields)
-            messages = getattr(r, "prompt_messages", None)
-            if messages is not None:
-                f["prompt_messages"] = messages
-            fields.append(f)
-        scores = self.scorer([r.prompt_text for r in rows], [c.text for c in comps], fields)
+        scores = score_completions(self.scorer, rows, comps)
         t2 = time.perf_counter()
 
         examples = []
         for k, (c, r) in enumerate(zip(comps, rows)):
-            P, L = len(c.prompt_ids), len(c.token_ids)
-            sample = Sample(
-                input_ids=list(c.prompt_ids) + list(c.token_ids),
-                loss_mask=[False] * P + [True] * L,
-                fields={"reward": scores.total[k], "engine_logprobs": [0.0] * P + list(c.logprobs),
-                        "weight_version": float(c.weight_version)},
-            )
+            sample = completion_sample(c, scores.total[k])
             # group = the prompt's position in the global stream (this rank serves positions rank, rank + world, ...)
             examples.append(Example(samples=[sample], index=r.index, group=start + rank + world * c.prompt_index))
+        # the prompt of every group, for steps that act per prompt (rollouts/processed_source.py)
+        self.last_prompts = {start + rank + world * i: p for i, p in enumerate(prompts)}
         self._write(comps, rows, scores)
         self.last_metrics = self._metrics(comps, scores, t1 - t0, t2 - t1)
         self.batches += 1
@@ -172,6 +162,30 @@ class RolloutSource:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
         os.replace(tmp, self.samples_path)
+
+
+def completion_sample(c, reward: float) -> Sample:
+    """A completion as a trainable sample: prompt + completion ids, loss on the completion, and its fields."""
+    P, L = len(c.prompt_ids), len(c.token_ids)
+    return Sample(
+        input_ids=list(c.prompt_ids) + list(c.token_ids),
+        loss_mask=[False] * P + [True] * L,
+        fields={"reward": reward, "engine_logprobs": [0.0] * P + list(c.logprobs),
+                "weight_version": float(c.weight_version)},
+    )
+
+
+def score_completions(scorer: Scorer, rows: list, comps: list):
+    """Score each completion against its prompt row (``rows[i]`` is the prompt of ``comps[i]``): the reward
+    functions see the prompt text, the completion text and the row's other columns (+ ``prompt_messages``)."""
+    fields = []
+    for r in rows:
+        f = dict(r.fields)
+        messages = getattr(r, "prompt_messages", None)
+        if messages is not None:
+            f["prompt_messages"] = messages
+        fields.append(f)
+    return scorer([r.prompt_text for r in rows], [c.text for c in comps], fields)
 
 
 def _plain(v: Any) -> bool:

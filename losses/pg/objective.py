@@ -128,14 +128,15 @@ class KLPG(Loss):
 
     Options = KLPGOptions
     needs = needs_for(KLPGOptions())
+    extra_needs: frozenset[str] = frozenset()  # what a subclass needs beyond the pieces (e.g. reference rewards)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        cls.needs = needs_for(cls.Options())  # what `align losses` shows: the needs of the defaults
+        cls.needs = needs_for(cls.Options()) | cls.extra_needs  # what `align losses` shows: the defaults' needs
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.needs = needs_for(self.opt)  # this run's needs: no reference model when no KL uses it
+        self.needs = needs_for(self.opt) | self.extra_needs  # this run's: no reference model when no KL uses it
 
     # ------------------------------------------------------------------------------------------ per experience
     def prepare(self, batch: Batch, ctx: LossContext) -> Batch:
