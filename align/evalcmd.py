@@ -99,8 +99,13 @@ def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str
 
 
 @torch.no_grad()
-def mean_kl_on_samples(model, ref_model, completions, chunk_tokens: int = 1024, batch_size: int = 32) -> float:
-    """Mean per-token KL(π‖π_ref), exact over the vocabulary, on the completion tokens the model generated."""
+def mean_kl_on_samples(model, ref_model, completions, chunk_tokens: int = 1024, batch_size: int = 32,
+                       per: str = "token") -> float:
+    """Mean KL(π‖π_ref) on the completions the model generated, exact over the vocabulary at every completion token:
+    per token (``per="token"``), or per sequence (``per="sequence"``: Σ_t KL_t averaged over completions, a Monte-Carlo
+    estimate of the sequence-level KL(π(·|x) ‖ π_ref(·|x)) when the completions are samples of π)."""
+    if per not in ("token", "sequence"):
+        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
     from .head import decoder_hidden, full_kl
 
     device = next(model.parameters()).device
@@ -122,6 +127,8 @@ def mean_kl_on_samples(model, ref_model, completions, chunk_tokens: int = 1024, 
                      chunk_tokens=chunk_tokens)
         total += float(kl[mask].sum())
         count += int(mask.sum())
+    if per == "sequence":
+        return total / max(len(completions), 1)
     return total / max(count, 1)
 
 

@@ -115,3 +115,18 @@ def test_jbond_anchor_is_an_ema_of_the_policy_and_resumes_exactly(tmp_path):
         assert torch.equal(x, y), k
     rows = records(b_cfg["run_dir"])
     assert rows[-1]["samples/reference"] == 4 * 8 * 2  # 2 anchor samples per prompt, every batch
+
+
+def test_mean_kl_per_sequence_is_the_token_kl_summed_over_each_completion(tmp_path):
+    t = trainer_for(bon_config(tmp_path, {"name": "sft"}, select="best"))
+    reference = copy.deepcopy(t.model).eval()
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    comps = HFEngine(t.model, t.tokenizer).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=4, seed=0), n=3)
+    per_token = mean_kl_on_samples(t.model, reference, comps)
+    per_sequence = mean_kl_on_samples(t.model, reference, comps, per="sequence")
+    tokens = sum(len(c.token_ids) for c in comps)
+    assert per_token > 0 and per_sequence == pytest.approx(per_token * tokens / len(comps))
+    with pytest.raises(ValueError, match="per must be 'token' or 'sequence'"):
+        mean_kl_on_samples(t.model, reference, comps, per="prompt")
