@@ -102,12 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
 
-    # real models and data from installed packages, and evaluation without training (their own modules)
-    from .evalrun import add_parser as add_eval
+    # real models and data from installed packages (their own modules)
     from .prepared import add_parser as add_prepare_model
     from .tasks import add_data_parser
 
-    add_eval(sub)
     add_prepare_model(sub)
     add_data_parser(sub)
     return p

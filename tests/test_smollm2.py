@@ -243,3 +243,16 @@ def _vllm_logprobs_of(llm, samples):
         pl = o.prompt_logprobs  # one dict per prompt position (None for the first)
         res.append([pl[len(p) + j][t].logprob for j, t in enumerate(c)])
     return res
+
+
+def test_example_config_loads_with_its_reward():
+    from align.config import load_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(repo, "examples", "smollm2_math.yaml")).stages[0].config
+    assert cfg.model.name == "smollm2" and cfg.eval.rewards[0].name == "reasoning_gym"
+    assert cfg.eval.rewards[0].options == {"extract": "last_number", "strict": True}
+    if importlib.util.find_spec("reasoning_gym") is not None:
+        from align.evaluate import build_rewards
+
+        build_rewards(cfg.eval.rewards)  # the reward and its options resolve
