@@ -99,7 +99,7 @@ def test_align_logprobs_equal_transformers_full_log_softmax(smollm2, smollm2_tok
         hidden = decoder_hidden(smollm2, ids, att)
         got, _ = token_logprobs(smollm2, hidden, ids, mask, chunk_tokens=7)
     assert mask.sum() > 20
-    assert_close(got, want * mask, atol=2e-5, rtol=0)
+    assert_close(got, want * mask, atol=5e-5, rtol=0)  # measured max |Δ| 1.5e-5
     assert (got[mask] < 0).all()
 
 
