@@ -115,6 +115,34 @@ def test_greedy_answer_through_hf_engine(smollm2, smollm2_tok):
     assert "5" in c.text, c.text
 
 
+@needs_smollm2
+def test_model_smollm2_trains_and_evaluates_through_the_cli(smollm2_dir, tmp_path, capsys):
+    """`model: smollm2` end to end: the alias resolves in the trainer, two SFT steps run on the real model, and
+    `align eval RUN` measures the KL of the trained model to the converted base."""
+    import json
+
+    import yaml
+    from helpers import write_jsonl
+
+    from align.cli import main
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a}+{a}?"}],
+             "completion": [{"role": "assistant", "content": f"{a} + {a} = {2 * a}."}]} for a in range(4)]
+    evalp = write_jsonl(tmp_path / "test.jsonl", [{"prompt": r["prompt"], "answer": str(2 * a)}
+                                                 for a, r in enumerate(rows[:2])])
+    cfg = {"run_dir": str(tmp_path / "run"), "model": "smollm2",
+           "data": {"train": write_jsonl(tmp_path / "train.jsonl", rows), "max_length": 64},
+           "train": {"steps": 2, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-5},
+           "eval": {"prompts": evalp, "max_new_tokens": 12, "before": False,
+                    "rewards": [{"name": "numeric_match"}]},
+           "log": {"progress": False, "tensorboard": False, "plots": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert main(["eval", cfg["run_dir"]]) == 0
+    result = json.load(open(tmp_path / "run" / "eval.json"))
+    assert result["reference"] == smollm2_dir and result["metrics"]["kl_to_ref"] > 0
+
+
 def test_missing_package_names_the_install_command(monkeypatch):
     from align import prepared
 

@@ -61,6 +61,17 @@ def test_unknown_task_and_bad_config_name_the_problem():
 
 
 @needs_rg
+def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
+    from align.cli import main
+
+    out = str(tmp_path / "x.jsonl")
+    assert main(["data", "reasoning-gym", "chain_sum", "--size", "2", "--out", out, "--config", "max_termz=2"]) == 2
+    assert "unexpected keyword argument 'max_termz'" in capsys.readouterr().err
+    assert main(["data", "reasoning-gym", "chan_sum", "--size", "2", "--out", out]) == 2
+    assert "did you mean chain_sum" in capsys.readouterr().err
+
+
+@needs_rg
 def test_verifier_scores_a_right_and_a_wrong_answer():
     from rollouts.rewards import load_reward
 

@@ -36,7 +36,7 @@ def champ_pairs(version: str = "v0") -> list[dict]:
     try:
         import champ_dataset
     except ImportError:
-        raise SystemExit("champ-dataset is not installed: pip install champ-dataset") from None
+        raise ImportError("champ-dataset is not installed: pip install champ-dataset") from None
     ds = champ_dataset.load(version)
     rows = []
     for pid, problem in ds.problems.items():
@@ -62,9 +62,15 @@ def add_parser(data_sub) -> None:
 
 
 def _cmd(args) -> int:
+    import sys
+
     from . import write_jsonl
 
-    rows = champ_pairs()
+    try:
+        rows = champ_pairs()
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(write_jsonl(rows, args.out))
     print(f"{len(rows)} pairs")
     return 0

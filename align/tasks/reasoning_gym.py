@@ -49,7 +49,7 @@ def task_rows(task: str, size: int, seed: int, config: dict | None = None, syste
     try:
         import reasoning_gym
     except ImportError:
-        raise SystemExit("reasoning-gym is not installed: pip install reasoning-gym") from None
+        raise ImportError("reasoning-gym is not installed: pip install reasoning-gym") from None
     if task not in reasoning_gym.factory.DATASETS:
         import difflib
 
@@ -130,7 +130,15 @@ def add_parser(data_sub) -> None:
 
 
 def _cmd(args) -> int:
-    rows = task_rows(args.task, args.size, args.seed, parse_config(args.config), args.system,
-                     exclude=frozenset(questions_in(args.exclude)))
+    import sys
+
+    try:
+        rows = task_rows(args.task, args.size, args.seed, parse_config(args.config), args.system,
+                         exclude=frozenset(questions_in(args.exclude)))
+    except (ImportError, ValueError, TypeError, AssertionError, OSError) as e:
+        # TypeError / AssertionError: reasoning-gym's own check of the --config options
+        print(f"error: {type(e).__name__ + ': ' if isinstance(e, (TypeError, AssertionError)) else ''}{e}",
+              file=sys.stderr)
+        return 2
     print(write_jsonl(rows, args.out))
     return 0
