@@ -64,7 +64,9 @@ def entry_of(answer, metadata, question) -> dict:
 
 @reward("reasoning_gym")
 def reasoning_gym_reward(task: str | None = None, extract: str = "answer_tag", strict: bool = False) -> RewardFn:
-    """reasoning-gym's ``score_answer`` for ``task`` (default: each row's ``task`` column) on the extracted answer."""
+    """reasoning-gym's own verifier (`score_answer`, in [0, 1]) of `task` (null: each row's `task` column) on the
+    answer `extract` finds in the completion: `answer_tag` (inside <answer></answer>), `last_number` or `full`.
+    `strict`: only full marks count (1.0), partial credit becomes 0. Rows from `align data reasoning-gym`."""
     try:
         import reasoning_gym  # noqa: F401
     except ImportError:
