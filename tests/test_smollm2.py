@@ -225,42 +225,76 @@ def test_vllm_logprobs_agree_before_and_after_a_weight_push(vllm_engine, smollm2
     assert max_logprob_gap(smollm2, after) > 1e-2  # the engine follows the pushed weights, not the old ones
 
 
-def test_example_config_loads_with_its_reward():
+def test_example_config_loads_with_its_rewards():
     from align.config import load_config
 
-    cfg = load_config(EXAMPLE).stages[0].config
-    assert cfg.model.name == "smollm2" and cfg.loss.name == "grpo" and cfg.rollout.n == 8
-    for rewards in (cfg.eval.rewards, cfg.rollout.rewards):
+    rl, dpo = (stage.config for stage in load_config(EXAMPLE).stages)
+    assert rl.model.name == "smollm2" and rl.loss.name == "grpo" and rl.rollout.n == 8
+    for rewards in (rl.eval.rewards, rl.rollout.rewards):
         assert rewards[0].name == "reasoning_gym" and rewards[0].options["extract"] == "last_number"
-    assert cfg.eval.rewards[0].options["strict"] is True
+    assert rl.eval.rewards[0].options["strict"] is True
+    assert dpo.loss.name == "dpo" and dpo.rollout is None and dpo.eval.pairs.endswith("test_pairs.jsonl")
     if importlib.util.find_spec("reasoning_gym") is not None:
         from align.evaluate import build_rewards
 
-        build_rewards(cfg.eval.rewards + cfg.rollout.rewards)  # the reward and its options resolve
+        build_rewards(rl.eval.rewards + rl.rollout.rewards)  # the reward and its options resolve
+
+
+def _example_stage(name: str, tmp_path, **changes):
+    """One stage of the example config, shrunk with ``changes`` (merged into the stage), as a one-stage pipeline."""
+    import yaml
+
+    from align.config import pipeline_from_dict
+    from align.configio import deep_merge
+
+    raw = yaml.safe_load(open(EXAMPLE))
+    stage = next(s for s in raw["stages"] if s["name"] == name)
+    quiet = {"log": {"progress": False, "plots": False, "tensorboard": False}}
+    raw.update(run_dir=str(tmp_path / "run"), stages=[deep_merge(deep_merge(stage, quiet), changes)])
+    return pipeline_from_dict(raw)
 
 
 @needs_smollm2
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym")
 def test_example_rl_stage_runs_one_step(smollm2_dir, tmp_path):
-    """The example's RL stage as written (grpo, reasoning_gym reward on rollouts), shrunk to one optimizer step of
+    """The example's rl stage as written (grpo, reasoning_gym reward on rollouts), shrunk to one optimizer step of
     2 prompts × 4 samples on the hf engine: rollouts are scored by the verifier and the policy is updated."""
     import json
 
-    from align.config import load_config
     from align.pipeline import run
     from align.tasks import write_jsonl
     from align.tasks.reasoning_gym import task_rows
 
     prompts = write_jsonl(task_rows("chain_sum", 4, seed=1, config={"max_terms": 2, "max_digits": 1}, system="none"),
                           str(tmp_path / "prompts.jsonl"))
-    pipe = load_config(EXAMPLE, [f"run_dir={tmp_path / 'run'}", f"rollout.prompts={prompts}", "rollout.n=4",
-                                 "rollout.max_new_tokens=16", "train.steps=1", "train.batch_size=2",
-                                 "engine.name=hf", "eval.prompts=null", "log.progress=false", "log.plots=false",
-                                 "log.tensorboard=false"])
-    summary = run(pipe)["main"]
+    pipe = _example_stage("rl", tmp_path, rollout={"prompts": prompts, "n": 4, "max_new_tokens": 16},
+                          train={"steps": 1, "batch_size": 2}, engine={"name": "hf"}, eval={"prompts": None})
+    summary = run(pipe)["rl"]
     assert summary["steps"] == 1 and os.path.isdir(summary["final_model"])
     rows = [json.loads(line) for line in open(tmp_path / "run" / "samples" / "rollouts.jsonl")]
     assert len(rows) == 8 and all(r["task"] == "chain_sum" and 0.0 <= r["reward"] <= 1.0 for r in rows)
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     step = next(m for m in metrics if m.get("kind") == "train")
     assert step["step"] == 1 and "reward_mean" in step and step["skipped"] == 0.0
+
+
+@needs_smollm2
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("champ_dataset") is None, reason="needs champ-dataset")
+def test_example_dpo_stage_runs_one_step(smollm2_dir, tmp_path):
+    """The example's dpo stage on CHAMP pairs, shrunk to one step of 2 pairs (cut to 192 tokens), with preference
+    accuracy on 2 held-out pairs before and after."""
+    from align.pipeline import run
+    from align.tasks import write_jsonl
+    from align.tasks.champ import champ_pairs
+
+    train = write_jsonl(champ_pairs(split="train")[:2], str(tmp_path / "train_pairs.jsonl"))
+    test = write_jsonl(champ_pairs(split="test")[:2], str(tmp_path / "test_pairs.jsonl"))
+    pipe = _example_stage("dpo", tmp_path, data={"train": train, "max_length": 192},
+                          eval={"prompts": None, "pairs": test}, train={"steps": 1, "batch_size": 2})
+    summary = run(pipe)["dpo"]
+    assert summary["steps"] == 1 and os.path.isdir(summary["final_model"])
+    before, after = summary["before"], summary["after"]
+    assert before["pref_accuracy"] == 0.0  # the policy is its reference at the start of the stage
+    assert 0.0 <= after["pref_accuracy"] <= 1.0 and "pref_logp_accuracy" in after

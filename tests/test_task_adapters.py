@@ -163,6 +163,11 @@ def test_champ_pairs_reference_over_flawed_solution():
         assert row["answer"] == problem.answer
     first = rows[0]
     assert first["id"] == "P_Combinatorics_1" and first["chosen"][0]["content"].endswith("239 such strings.")
+    train, test = champ_pairs(split="train"), champ_pairs(split="test")
+    assert len(train) + len(test) == 444 and not {r["id"] for r in train} & {r["id"] for r in test}
+    assert len({r["id"] for r in test}) * 5 >= len({r["id"] for r in rows})  # every 5th problem held out
+    with pytest.raises(ValueError, match="split must be one of"):
+        champ_pairs(split="dev")
 
 
 @needs_champ

@@ -17,7 +17,11 @@ hints in the prompt ("Direct C w/ H"); the pair keeps the plain problem prompt f
 mistake-free (96) are left out. Nothing is copied into this repository; the rows are built from the installed
 package:
 
-    align data champ --out data/champ/pairs.jsonl
+    align data champ --out data/champ/pairs.jsonl                       # all 444 pairs
+    align data champ --split train --out data/champ/train_pairs.jsonl   # problems 1-4 of every 5 (CHAMP order)
+    align data champ --split test --out data/champ/test_pairs.jsonl     # every 5th problem: held out
+
+The split is by problem, so no held-out problem's reference solution is ever trained on.
 """
 
 from __future__ import annotations
@@ -31,15 +35,23 @@ def reference_solution(problem) -> str:
     return "\n".join(step.text.strip() for step in problem.solution.steps)
 
 
-def champ_pairs(version: str = "v0") -> list[dict]:
-    """Preference rows (reference solution chosen, flawed model solution rejected), in CHAMP's problem order."""
+SPLITS = ("all", "train", "test")
+
+
+def champ_pairs(version: str = "v0", split: str = "all", test_every: int = 5) -> list[dict]:
+    """Preference rows (reference solution chosen, flawed model solution rejected), in CHAMP's problem order;
+    ``split="test"`` keeps the pairs of every ``test_every``-th problem, ``"train"`` the others."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     try:
         import champ_dataset
     except ImportError:
         raise ImportError("champ-dataset is not installed: pip install champ-dataset") from None
     ds = champ_dataset.load(version)
     rows = []
-    for pid, problem in ds.problems.items():
+    for i, (pid, problem) in enumerate(ds.problems.items()):
+        if split != "all" and (i % test_every == 0) != (split == "test"):
+            continue
         prompt = [{"role": "user", "content": f"{INSTRUCTION}\n\n{problem.text}"}]
         chosen = reference_solution(problem)
         for key, ann in problem.fws_annotations.items():
@@ -58,6 +70,8 @@ def champ_pairs(version: str = "v0") -> list[dict]:
 def add_parser(data_sub) -> None:
     p = data_sub.add_parser("champ", help="write CHAMP's reference-vs-flawed solution pairs as preference JSONL")
     p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--split", choices=SPLITS, default="all",
+                   help="all pairs, or by problem: test = every 5th problem (held out), train = the others")
     p.set_defaults(fn=_cmd)
 
 
@@ -67,7 +81,7 @@ def _cmd(args) -> int:
     from . import write_jsonl
 
     try:
-        rows = champ_pairs()
+        rows = champ_pairs(split=args.split)
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
