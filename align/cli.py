@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
+
+    # real models and data from installed packages (their own modules)
+    from .prepared import add_parser as add_prepare_model
+    from .tasks import add_data_parser
+
+    add_prepare_model(sub)
+    add_data_parser(sub)
     return p
 
 
@@ -119,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .configio import ConfigError
     from .data import DataError
+    from .prepared import PrepareError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, PrepareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -41,7 +41,11 @@ def resolve(target: str, overrides: list[str]) -> Target:
         model = os.path.join(target_dir, "final")
         if not os.path.isfile(os.path.join(model, "COMPLETE")):
             raise ConfigError(f"{target_dir} has no finished model (final/); train it first or point at a model folder")
-        base = previous or (os.path.join(target_dir, "init-model") if cfg.model.name == "tiny" else cfg.model.name)
+        if previous is None:
+            from .models import materialize_model  # tiny: the run's init-model; smollm2: its converted folder
+
+            previous = materialize_model(cfg.model, target_dir, cfg.seed)
+        base = previous
         return Target(cfg, model, base, target)
     if target.endswith((".yaml", ".yml")):
         pipe = load_config(target, overrides)

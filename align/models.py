@@ -21,9 +21,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def materialize_model(cfg: ModelConfig, run_dir: str, seed: int) -> str:
-    """The folder to load from: ``cfg.name`` itself, or for ``tiny`` a model built offline into the run directory."""
+    """The folder to load from: ``cfg.name`` itself; for ``tiny`` a model built offline into the run directory; for
+    a packaged model (``smollm2``, see ``align/prepared.py``) its cached conversion, converted on first use."""
     if cfg.name != "tiny":
-        return cfg.name
+        from .prepared import resolve_model
+
+        return resolve_model(cfg.name) or cfg.name
     from .tiny import save_tiny
 
     path = os.path.join(run_dir, "init-model")
