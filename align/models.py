@@ -49,8 +49,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, cfg: ModelConfig, device: torch.device):
-    """A causal LM from ``path`` in ``cfg.dtype`` on ``device``, dropout off (as TRL's disable_dropout)."""
+    """A causal LM from ``path`` in ``cfg.dtype`` on ``device``, dropout off (as TRL's disable_dropout). A LoRA adapter
+    folder (a LoRA run's checkpoint or final/) loads as its base model with the adapter merged in (align/lora.py)."""
     from transformers import AutoModelForCausalLM
+
+    from . import lora
+
+    if lora.is_adapter_dir(path):
+        return lora.load_merged(path, cfg, device)
 
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
