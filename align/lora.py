@@ -309,9 +309,6 @@ class AdapterDisabled:
         self.adapter_host.train(mode)
         return self
 
-    def requires_grad_(self, flag: bool = False):
-        return self  # the base weights are frozen already; the adapters belong to the policy
-
 
 def _adapter_layer_types() -> tuple:
     from peft.tuners.lora import LoraLayer

@@ -38,7 +38,6 @@ from .collate import collate, plan_micro_batches
 from .config import RunConfig, build_loss
 from .data import load_examples, load_prompts
 from .head import decoder_hidden, ref_kl
-from .lora import load_policy
 from .metrics import MetricsLogger
 from .models import count_parameters, load_model, load_tokenizer, materialize_model
 
@@ -127,7 +126,7 @@ class Trainer:
         if self.finished:  # a finished run: its final weights, nothing left to train
             weights, self.resume_from = finished["final_model"], None
             self.summary, self.step = finished, self.total_steps
-        self.model = load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
+        self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
