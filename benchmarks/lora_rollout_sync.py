@@ -20,10 +20,8 @@ both routes must follow the adapter. Appends a row to benchmarks/RESULTS.md (``-
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -32,13 +30,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-
-
-def load_average() -> str:
-    try:
-        return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min)"
-    except OSError:
-        return "load average unknown"
 
 
 def generate(llm, prompts, n, max_new, seed, lora=None):
@@ -98,7 +89,7 @@ def main(argv=None) -> int:
     from align import lora
     from align.config import ModelConfig, PeftConfig
     from align.models import load_model, load_tokenizer
-    from rollout_throughput import build_model, machine
+    from rollout_throughput import build_model
     from rollouts import vllm_adapter as vx
     from rollouts.vllm_engine import VLLMEngine
 
@@ -186,15 +177,10 @@ def main(argv=None) -> int:
                f"merged {gaps['merged']:.1e}, adapter {gaps['adapter']:.1e}")
     print(summary)
     if not args.no_record:
-        env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-        cmd = env + shlex.join(["python", "benchmarks/lora_rollout_sync.py"] + list(argv if argv is not None
-                                                                                   else sys.argv[1:]))
-        note = f"; {args.note}" if args.note else ""
-        row = (f"| {datetime.date.today().isoformat()} | {machine()}; {load_average()} at the end{note} | `{cmd}` | "
-               f"{settings}, vLLM {__import__('vllm').__version__}. {summary} |\n")
-        with open(os.path.join(HERE, "RESULTS.md"), "a", encoding="utf-8") as f:
-            f.write(row)
-        print("appended to benchmarks/RESULTS.md")
+        from results import append_row
+
+        append_row("lora_rollout_sync.py", argv, f"{settings}, vLLM {__import__('vllm').__version__}. {summary}",
+                   args.note)
     return 0
 
 

@@ -24,10 +24,8 @@ Appends a row to benchmarks/RESULTS.md with the machine's load average (``--no-r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -167,18 +165,9 @@ def main(argv=None) -> int:
     print(settings)
     print(summary)
     if not args.no_record:
-        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-        from rollout_throughput import machine
+        from results import append_row
 
-        env_s = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-        cmd = env_s + shlex.join(["python", "benchmarks/lora_vs_full.py"] + list(argv if argv is not None
-                                                                                else sys.argv[1:]))
-        note = f"; {args.note}" if args.note else ""
-        row = (f"| {datetime.date.today().isoformat()} | {machine()}; load average {load} (1/5/15 min) at the end"
-               f"{note} | `{cmd}` | {settings}. {summary} |\n")
-        with open(os.path.join(HERE, "RESULTS.md"), "a", encoding="utf-8") as f:
-            f.write(row)
-        print("appended to benchmarks/RESULTS.md")
+        append_row("lora_vs_full.py", argv, f"{settings}. {summary}", args.note)
     return 0
 
 
