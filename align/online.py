@@ -67,13 +67,15 @@ def build_rollout_source(cfg, prompts, engine, run_dir: str, batch_size: int, ra
     steps = []
     needs = loss.needs if loss is not None else frozenset()
     if "reference_rewards" in needs:
-        from rollouts.hf_engine import HFEngine
         from rollouts.reference_rewards import ReferenceRewards
+
+        from .lora import reference_engine
 
         if reference_model is None or tokenizer is None:
             raise ValueError(f"loss '{loss.name}' needs reference rewards: pass the reference model and tokenizer")
-        # transformers generate on the frozen (or EMA-moving) reference model the trainer holds: no second copy
-        ref_engine = HFEngine(reference_model, tokenizer, batch_size=cfg.engine.batch_size)
+        # transformers generate on the frozen (or EMA-moving) reference model the trainer holds, or on the LoRA
+        # policy with its adapters off: no second copy
+        ref_engine = reference_engine(reference_model, tokenizer, cfg.engine.batch_size)
         steps.append(ReferenceRewards(ref_engine, _scorer(r), sampling, loss.reference_samples,
                                       cache=not loss.reference_ema, add_best="reference_best" in needs,
                                       seed=cfg.seed, rank=rank))

@@ -130,3 +130,28 @@ def test_mean_kl_per_sequence_is_the_token_kl_summed_over_each_completion(tmp_pa
     assert per_token > 0 and per_sequence == pytest.approx(per_token * tokens / len(comps))
     with pytest.raises(ValueError, match="per must be 'token' or 'sequence'"):
         mean_kl_on_samples(t.model, reference, comps, per="prompt")
+
+
+def test_bond_with_lora_samples_its_reference_from_the_base_model(tmp_path):
+    """Under LoRA the reference is the policy with its adapters off (no copy): after the adapters have moved, the
+    reference samples BOND ranks against are exactly the base model's samples, and the policy's adapters are back on
+    after each reference call. A moving anchor (jbond) cannot be the adapters-off base: refused when the config loads."""
+    from align.configio import ConfigError
+    from align.models import load_model
+
+    cfg = {**bon_config(tmp_path / "bond", {"name": "bond", "bon_n": 4, "reference_samples": 4}, steps=3),
+           "peft": {"r": 4, "alpha": 8}}
+    t = trainer_for(cfg)
+    t.fit()
+    ref_engine = t.source.steps[0].engine
+    prompts = [p.prompt_ids for p in t.source.source.prompts.examples[:6]]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=4, seed=7)
+    base = load_model(os.path.join(cfg["run_dir"], "init-model"), t.cfg.model, torch.device("cpu")).eval()
+    want = HFEngine(base, t.tokenizer).generate(prompts, sampling, n=4)
+    got = ref_engine.generate(prompts, sampling, n=4)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    policy = HFEngine(t.model, t.tokenizer).generate(prompts, sampling, n=4)
+    assert [c.token_ids for c in policy] != [c.token_ids for c in want]  # adapters on again, and they moved
+    assert records(cfg["run_dir"])[-1]["samples/reference"] > 0
+    with pytest.raises(ConfigError, match="moves its reference .* under LoRA"):
+        pipeline_from_dict({**bon_config(tmp_path / "jbond", {"name": "jbond"}, n=1), "peft": {"r": 4}})
