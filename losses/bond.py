@@ -86,7 +86,7 @@ class BoNPGOptions(KLPGOptions):
     """The KL-regularised PG pieces with the defaults BOND / vBoN use, plus N and the reference sample count."""
 
     bon_n: int = 4  # N of the Best-of-N being distilled; sets the KL coefficient β = 1/(N−1)
-    reference_samples: int = 16  # k: samples per prompt from π_ref whose rewards estimate the quantile (cached)
+    reference_samples: int = 16  # k: samples per prompt from π_ref whose rewards estimate the quantile (cached; our choice)
     reward_beta: float | None = None  # β of KL(π_θ‖π_ref) in the reward; null: 1/(bon_n − 1), the BoN target's
     advantage: AdvantageName = "rloo"  # leave-one-out baseline over the prompt's rollout.n samples (n ≥ 2)
     reward_kl: RewardKLName = "k1"  # KL in the reward, Σ_t (s_old − s_ref): the sequence-level KL(π_θ‖π_ref)
@@ -138,7 +138,7 @@ class QuantileRewardPG(KLPG):
 
 @dataclass
 class BONDOptions(BoNPGOptions):
-    quantile: QuantileName = "bon_ratio"  # bon_ratio: log(π_BoN/π_ref)/(N−1) with ties (exact); log_p_le: log p̂_≤
+    quantile: QuantileName = "bon_ratio"  # bon_ratio: log(π_BoN/π_ref)/(N−1) with ties (exact; our choice); log_p_le: the paper's log p̂_≤
 
     def validate(self) -> None:
         check(self.quantile in get_args(QuantileName),
@@ -162,7 +162,7 @@ class BOND(QuantileRewardPG):
 
 @dataclass
 class VBoNOptions(BoNPGOptions):
-    reference_samples: int = 32  # M: samples per prompt from π_ref whose rewards give the empirical CDF (cached)
+    reference_samples: int = 32  # M: samples per prompt from π_ref whose rewards give the empirical CDF (cached; our choice, the vBoN code caches up to ~300)
 
 
 @register("vbon")
@@ -185,12 +185,12 @@ JBONDAggregation = Literal["seq_mean_token_sum", "seq_mean_token_mean"]
 
 @dataclass
 class JBONDOptions:
-    jeffreys_beta: float = 0.5  # β_J of (1−β_J)·forward KL (BoN-SFT) + β_J·backward KL (PG); BOND Eq. 11: 0.5
+    jeffreys_beta: float = 0.5  # β_J of (1−β_J)·forward KL (BoN-SFT) + β_J·backward KL (PG); 0.5 as LOSSES.md reports the paper's runs [VERIFY]
     reference_samples: int = 2  # n: anchor samples per prompt; the target is Best-of-n of the anchor (J-BOND: 2)
     reference_ema: float = 0.02  # γ: anchor ← (1−γ)·anchor + γ·θ after every optimizer step (our choice, see README)
-    worse_reward: float = -math.log(16)  # reward of a policy sample worse than every anchor sample; otherwise 0
+    worse_reward: float = -math.log(16)  # reward of a policy sample worse than every anchor sample, else 0; −log 16: our reading of BOND §5 [VERIFY]
     anchor_kl: float = 0.0  # extra weight of KL(π_θ‖π_anc) as k2 in the loss (J-BOND's G_Reg; 0 = off, our choice)
-    advantage: JBONDAdvantage = "batch_mean"  # baseline of the backward term: one policy sample per prompt → batch
+    advantage: JBONDAdvantage = "batch_mean"  # baseline of the backward term: one policy sample per prompt → batch (our choice)
     aggregation: JBONDAggregation = "seq_mean_token_sum"  # per-sequence sum (A4, the papers') or token mean (A3)
 
     def validate(self) -> None:
