@@ -52,3 +52,14 @@ def tiny_config(tmp_path, tiny_dir=None, **sections):
         else:
             cfg[k] = v
     return cfg
+
+
+def load_example(name: str):
+    """examples/NAME.py imported as a module (the example scripts are not a package)."""
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,11 @@
 spends the sampling budget it was given (read back from the run: samples file + reference counter), the table and
 figure are written, and --replot rebuilds the same table from results.json."""
 
-import importlib.util
 import json
 import os
 
 import yaml
-from helpers import arith_rows, write_jsonl
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bon_frontier", os.path.join(REPO, "examples", "bon_frontier.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import arith_rows, load_example, write_jsonl
 
 
 def test_frontier_script_spends_equal_budgets_and_writes_table_and_png(tmp_path):
@@ -39,7 +29,7 @@ def test_frontier_script_spends_equal_budgets_and_writes_table_and_png(tmp_path)
     argv = ["--config", str(path), "--prompts", prompts, "--out", str(out), "--base-steps", "2", "--n", "4",
             "--budget", "64", "--prompts-per-step", "4", "--prompt-limit", "8", "--reference-samples", "2",
             "--points", "2", "--eval-samples", "2", "--ref-samples", "4", "--methods", ",".join(methods)]
-    script = _script()
+    script = load_example("bon_frontier")
     assert script.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in results["runs"]}

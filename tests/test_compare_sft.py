@@ -1,20 +1,9 @@
 """examples/compare_sft.py end to end on a very small config: every loss trains, the table and figure are written."""
 
-import importlib.util
 import json
-import os
 
 import yaml
-from helpers import arith_rows, write_jsonl
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("compare_sft", os.path.join(REPO, "examples", "compare_sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import arith_rows, load_example, write_jsonl
 
 
 def test_compare_script_writes_table_and_png(tmp_path):
@@ -33,7 +22,7 @@ def test_compare_script_writes_table_and_png(tmp_path):
     out = tmp_path / "out"
     argv = ["--config", str(path), "--base-steps", "2", "--steps", "3", "--losses", "sft,asft,psft", "--out", str(out),
             "--set", "loss.kl_weight=0.2"]
-    assert _script().main(argv) == 0
+    assert load_example("compare_sft").main(argv) == 0
     assert (out / "base" / "final" / "model.safetensors").is_file()  # the shared initial model
     table = (out / "compare.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == \
