@@ -9,7 +9,8 @@ README section "Best-of-N distillation" for the measured table and examples/resu
         --out runs/bon_frontier_extra
     OMP_NUM_THREADS=1 python examples/bon_frontier.py --out runs/bon_frontier --replot   # table + figure again
 
-On a GPU machine the same command uses the GPU for training (generation stays transformers `generate`).
+With a GPU (backend.device: auto) training, generation (transformers `generate`) and the measurements run on it;
+only the CPU path has been run.
 
 What it does:
   1. the reference π_ref: the quickstart model trained with plain SFT for --base-steps (390, as the RL quickstart:
