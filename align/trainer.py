@@ -114,6 +114,9 @@ class Trainer:
             self.eval_prompts = load_prompts(cfg.eval.prompts, self.tokenizer, cfg.data, cfg.eval.limit)
 
         self.experience_size = cfg.train.batch_size * self.loss.minibatches
+        # a rollout run trains the policy it samples, π_T = softmax(z / T): its log-probs (policy, old, reference,
+        # entropy) are taken at the sampling temperature, as TRL, verl and OpenRLHF do (greedy: T = 1)
+        self.temperature = cfg.rollout.temperature if cfg.rollout is not None and cfg.rollout.temperature > 0 else 1.0
         if cfg.rollout is None:
             self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                         rank=self.dist.rank, world_size=self.dist.world_size)
@@ -163,7 +166,9 @@ class Trainer:
         t = self.cfg.train
         if t.steps is not None:
             return t.steps
-        steps_per_epoch = math.ceil(n_examples / t.batch_size)
+        # one pass over the data: its experience batches, each giving loss.epochs × loss.minibatches steps
+        experiences = math.ceil(n_examples / self.experience_size)
+        steps_per_epoch = experiences * self.loss.epochs * self.loss.minibatches
         return max(1, math.ceil(steps_per_epoch * t.epochs))
 
     # ------------------------------------------------------------------------------------------------- state
@@ -203,20 +208,22 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------- forward pieces
-    def _forward(self, model, mb: Batch, with_entropy: bool = False):
+    def _forward(self, model, mb: Batch, with_entropy: bool = False, temperature: float | None = None):
         """(hidden, log-probs, entropy) of ``model``; the backend runs it (through DeepSpeed's engine for its models)."""
         return self.backend.forward(model, mb.input_ids, mb.attention_mask, mb.loss_mask,
-                                    chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=with_entropy)
+                                    chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=with_entropy,
+                                    temperature=temperature or self.temperature)
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
+    def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]],
+                          temperature: float | None = None) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         t = self.cfg.train
         plan, _ = distributed.pad_plan(plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens),
                                        self.backend)  # same forward count on every rank (ZeRO-3 gathers per module)
         for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
             mb = batch.select(rows)
-            _, lp, _ = self._forward(model, mb)
+            _, lp, _ = self._forward(model, mb, temperature=temperature)
             out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
         return out
 
@@ -238,8 +245,12 @@ class Trainer:
             return {}
         from .offpolicy import engine_mismatch
 
+        if self.temperature != 1.0:  # engines report temperature-1 log-probs: compare like with like
+            policy = self._logprobs_no_grad(self.model, batch, units, temperature=1.0)
         metrics, batch.extras["tis_weight"] = engine_mismatch(policy, batch.extras["engine_logprobs"],
                                                               batch.loss_mask, self.cfg.rollout.tis_cap)
+        if "weight_version" in batch.extras:  # updates the sampling weights had not received (sync_every > 1)
+            metrics["mismatch/weight_lag"] = self.step - float(batch.extras["weight_version"].mean())
         return metrics
 
     def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
