@@ -300,6 +300,7 @@ class Trainer:
             weight += n
             tokens += int(mb.attention_mask.sum()) if real else 0
         finite = self.backend.all_reduce_sum([0.0 if finite else 1.0])[0] == 0
+        lr = self.backend.lr  # the rate this step applies (the schedule advances in step())
         if finite:
             grad_norm, applied = self.backend.step()
         else:
@@ -309,7 +310,7 @@ class Trainer:
                                                                          self.backend)
         out = {k: v / max(weight, 1) for k, v in sums.items()}
         out.update(loss=total_loss if finite else float("nan"),
-                   grad_norm=grad_norm, lr=self.backend.lr, tokens=float(tokens),
+                   grad_norm=grad_norm, lr=lr, tokens=float(tokens),
                    loss_tokens=float(ctx.num_tokens), sequences=float(ctx.num_sequences))
         out["skipped"] = 0.0 if applied else 1.0
         return out

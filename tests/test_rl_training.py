@@ -102,3 +102,13 @@ def test_rl_runs_get_a_page_of_rl_curves(tmp_path):
           for s in range(1, 5)] + [{"step": 4, "kind": "eval", "accuracy": 0.5}]
     assert sorted(write(tmp_path / "rl", rl)) == ["eval.png", "rl.png", "train.png"]
     assert write(tmp_path / "sft", [{"step": 1, "kind": "train", "loss": 1.0}]) == ["train.png"]
+
+
+def test_train_epochs_counts_every_update_of_an_experience_batch(tmp_path):
+    """train.epochs = 1 over 16 prompts, batch_size 8, loss epochs = minibatches = 2: one experience batch of 16 prompts
+    gives 2 × 2 optimizer steps (not 16 / 8 = 2)."""
+    cfg = preset_config(tmp_path, {"name": "grpo", "epochs": 2, "minibatches": 2})
+    cfg["train"] = {**cfg["train"], "steps": None, "epochs": 1}
+    t = trainer_for(cfg)
+    t.setup()
+    assert t.total_steps == 4
