@@ -1,8 +1,9 @@
 """The run configuration: one YAML file, typed dataclasses, a comment on every field.
 
 A config is a mapping of sections (``model``, ``data``, ``loss``, ``train``, ``engine``, ``rollout``, ``eval``,
-``backend``, ``log``). ``stages:`` turns it into a pipeline: every stage is the top-level config with that stage's
-keys merged over it, and starts from the previous stage's weights.
+``reference``, ``backend``, ``log``, ``peft``). ``stages:`` turns it into a pipeline: every stage is the top-level config with
+that stage's keys merged over it (a stage's ``loss`` replaces the top-level one), and starts from the previous
+stage's weights.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class RolloutConfig:
 
 @dataclass
 class EvalConfig:
-    """Generation-based evaluation on held-out prompts (+answers), before/after training and every N steps."""
+    """Evaluation before/after training and every N steps: generation on held-out prompts (+answers), and
+    preference accuracy on held-out pairs."""
 
     prompts: str | None = None  # held-out prompt(+answer) file; null disables evaluation
     limit: int | None = None  # evaluate on at most this many prompts
@@ -193,6 +195,21 @@ class EvalConfig:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # scored rewards; the first is "accuracy"
     every: int = 0  # evaluate every N optimizer steps (0: only before and after training)
     before: bool = True  # evaluate the initial model too
+    pairs: str | None = None  # held-out preference pairs (prompt/chosen/rejected): preference accuracy of the policy vs. this stage's initial weights
+    pairs_limit: int | None = None  # use at most this many held-out pairs
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the frozen reference policy's log-probs come from, for losses that need ``ref_logprobs`` (dpo, ...)."""
+
+    precompute: bool = True  # dataset sources: one pass of the reference before training, cached on disk, model freed; false: keep a reference model in memory and run it every step
+    cache_dir: str | None = None  # where precomputed log-probs are kept (file name = hash of weights, tokenised data, settings); null: RUN_DIR/ref_logprobs
+    micro_batch_size: int | None = None  # examples per forward of the precompute pass (no gradients: can exceed train.micro_batch_size); null: train's
+
+    def check(self, where: str) -> None:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"{where}.micro_batch_size must be at least 1 or null")
 
 
 @dataclass
@@ -225,6 +242,38 @@ class BackendConfig:
 
 
 @dataclass
+class PeftConfig:
+    """LoRA adapters through peft (README "LoRA"): only the adapters train; the reference policy is the same model with
+    its adapters disabled. ``peft: {}`` turns LoRA on with these defaults; no section (or null) trains every weight."""
+
+    r: int = 16  # LoRA rank: each adapted weight W (out × in) learns ΔW = (alpha / r) · B A, B: out × r, A: r × in
+    alpha: float = 32.0  # LoRA scale numerator (peft lora_alpha)
+    dropout: float = 0.0  # dropout on the adapter's input (peft lora_dropout); the base model's dropout stays off
+    target_modules: str | list[str] = "all-linear"  # "all-linear" (every linear layer but the LM head), module names matched as suffixes ([q_proj, v_proj]), or one regex string matched against full module names
+    exclude_modules: list[str] = field(default_factory=list)  # module names (suffixes) to leave out of target_modules
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved with the adapter (e.g. [lm_head]); tied embeddings stay tied
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
+
+    def check(self, where: str) -> None:
+        if self.r < 1:
+            raise ConfigError(f"{where}.r must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout must lie in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError(f"{where}.target_modules is empty: give module names, a regex, or \"all-linear\"")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            import re
+
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"{where}.target_modules: {self.target_modules!r} is neither \"all-linear\" nor a "
+                                  f"valid regex ({e}); for module names give a list, e.g. [q_proj, v_proj]") from None
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True  # write TensorBoard events under RUN_DIR/tb
     progress: bool = True  # show a progress bar
@@ -244,8 +293,10 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig | None = None  # online training from rollouts; null: train on data.train
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    peft: PeftConfig | None = None  # LoRA adapters (README "LoRA"); null: full fine-tuning
 
     @classmethod
     def __from_dict__(cls, data: dict, where: str) -> dict:
@@ -353,6 +404,8 @@ def pipeline_from_dict(data: dict) -> Pipeline:
             if key in stage:
                 raise ConfigError(f"stages[{i}].{key}: set `{key}` once at the top level of a pipeline")
         merged = deep_merge(data, stage)
+        if "loss" in stage:  # a stage's loss replaces the top-level one: its options belong to that loss alone
+            merged["loss"] = stage["loss"]
         if i > 0 and "model" in stage and "name" in (stage.get("model") or {}):
             raise ConfigError(f"stages[{i}].model.name: a later stage starts from the previous stage's weights")
         stages.append(Stage(name, from_dict(RunConfig, merged, f"stages[{i}]")))

@@ -301,12 +301,18 @@ def validate_row(row: dict, i: int, fmt: str, source: str) -> None:
         if isinstance(row["prompt"], list) != isinstance(row["completion"], list):
             raise DataError(source, i, "completion", "prompt and completion must both be text or both be messages")
     elif fmt == "preference":
-        if "prompt" in row and row["prompt"] is not None:
-            _check_text(row["prompt"], source, i, "prompt", "prompt")
+        prompt = row.get("prompt")
+        if prompt is not None:
+            _check_text(prompt, source, i, "prompt", "prompt")
+            if isinstance(prompt, list) and not any(m["content"].strip() for m in prompt):
+                raise DataError(source, i, "prompt", "has only empty messages", "every pair needs a non-empty prompt")
         elif not isinstance(row["chosen"], list):
             raise DataError(source, i, "prompt", "is missing", "text preference rows need a prompt column")
         _check_text(row["chosen"], source, i, "chosen", "chosen completion")
         _check_text(row["rejected"], source, i, "rejected", "rejected completion")
+        for name in ("chosen", "rejected"):
+            if prompt is not None and isinstance(prompt, list) != isinstance(row[name], list):
+                raise DataError(source, i, name, "prompt and completions must all be text or all be chat messages")
         if row["chosen"] == row["rejected"]:
             raise DataError(source, i, "rejected", "is identical to 'chosen' (the pair carries no preference)",
                             "remove the row or fix the pair")
@@ -445,10 +451,15 @@ class Tokenizer:
 
                 ex = extract_prompt({"chosen": chosen, "rejected": rejected})
                 prompt, chosen, rejected = ex["prompt"], ex["chosen"], ex["rejected"]
+                if not prompt:
+                    raise self._error(i, "prompt", "is missing and chosen / rejected share no leading messages to "
+                                      "use as one", "add a prompt column or start both with the prompt turns")
             samples = [self.prompt_completion(prompt, chosen, i, "chosen"),
                        self.prompt_completion(prompt, rejected, i, "rejected")]
             if samples[0] is not None and samples[1] is not None and samples[0].input_ids == samples[1].input_ids:
-                raise self._error(i, "rejected", "tokenises to the same ids as 'chosen'")
+                raise self._error(i, "rejected", "tokenises to the same ids as 'chosen' (after truncation to "
+                                  f"data.max_length={self.cfg.max_length})", "the pair carries no preference: raise "
+                                  "data.max_length if the completions differ further on, else fix or remove the row")
         else:
             raise ValueError(f"format {fmt!r} has no training examples")
         if any(s is None for s in samples):

@@ -1,7 +1,13 @@
 """Runs a config: one stage, or a list of stages each starting from the previous stage's final weights.
 
-Layout: a one-stage run writes straight into RUN_DIR; a pipeline gives every stage RUN_DIR/<stage name>/.
-Resume works per stage (a finished stage is skipped) and inside a stage (from its latest checkpoint).
+Layout: a one-stage run writes straight into RUN_DIR; a pipeline gives every stage RUN_DIR/<stage name>/ (with its
+own resolved ``config.yaml``, checkpoints, metrics and ``final/``) and writes RUN_DIR/summary.json at the end.
+
+Resume (``resume: true``, the default) works per stage and inside a stage: running the same command again skips
+every finished stage (its ``final/`` is complete) and continues the first unfinished one from its latest
+checkpoint, starting it — as the first time — from the previous stage's ``final/``. A stage that has already run
+with different training settings (model, data, loss, train, reference, seed) is an error rather than a silent mix
+of two configs.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ import os
 
 import yaml
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, is_complete, latest_checkpoint
 from .config import Pipeline
-from .configio import to_dict
+from .configio import ConfigError, to_dict
 
 log = logging.getLogger("align")
+
+# sections whose change makes an already started stage a different run (eval / log / engine may change freely)
+_TRAINING_KEYS = ("seed", "model", "data", "loss", "train", "reference", "peft")
 
 
 def stage_dirs(pipe: Pipeline) -> list[str]:
@@ -26,32 +35,70 @@ def stage_dirs(pipe: Pipeline) -> list[str]:
 
 
 def _finished(stage_dir: str) -> dict | None:
+    """The summary of a finished stage (its final/ complete), else None."""
     path = os.path.join(stage_dir, "summary.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         summary = json.load(f)
-    final = summary.get("final_model")
-    return summary if final and os.path.isfile(os.path.join(final, "COMPLETE")) else None
+    final = os.path.join(stage_dir, "final")  # not the recorded path: the run directory may have moved
+    if not (summary.get("final_model") and is_complete(final)):
+        return None
+    return {**summary, "final_model": final}
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in new:
+            if k in old:  # keys added by a newer align are not differences
+                out += _differences(old[k], new[k], f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
+def _check_unchanged(name: str, stage_dir: str, resolved: dict) -> None:
+    """A stage that has progress (checkpoints or final/) must be resumed with the training settings it ran with."""
+    path = os.path.join(stage_dir, "config.yaml")
+    if not os.path.exists(path) or not (latest_checkpoint(stage_dir) or is_complete(os.path.join(stage_dir, "final"))):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = yaml.safe_load(f) or {}
+    changed = _differences({k: old.get(k) for k in _TRAINING_KEYS if k in old},
+                           {k: resolved[k] for k in _TRAINING_KEYS if k in old})
+    if changed:
+        raise ConfigError(
+            f"stage '{name}' in {stage_dir} already ran with other settings ({'; '.join(changed[:5])}). Resuming "
+            "would mix two runs: use a new run_dir, or resume=false to start the stages again")
 
 
 def run(pipe: Pipeline) -> dict[str, dict]:
     from .trainer import Trainer
 
     os.makedirs(pipe.run_dir, exist_ok=True)
-    resolved = {"stages": [{"name": s.name, **to_dict(s.config)} for s in pipe.stages]} \
-        if len(pipe.stages) > 1 else to_dict(pipe.stages[0].config)
-    atomic_write_text(os.path.join(pipe.run_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+    dirs = stage_dirs(pipe)
+    resolved = [to_dict(s.config) for s in pipe.stages]
+    for stage, stage_dir, res in zip(pipe.stages, dirs, resolved):  # before anything is written or trained
+        if stage.config.resume:
+            _check_unchanged(stage.name, stage_dir, res)
+    top = {"stages": [{"name": s.name, **r} for s, r in zip(pipe.stages, resolved)]} if len(pipe.stages) > 1 \
+        else resolved[0]
+    atomic_write_text(os.path.join(pipe.run_dir, "config.yaml"), yaml.safe_dump(top, sort_keys=False))
     results: dict[str, dict] = {}
     init = None
-    for stage, stage_dir in zip(pipe.stages, stage_dirs(pipe)):
+    for stage, stage_dir, res in zip(pipe.stages, dirs, resolved):
         done = _finished(stage_dir) if stage.config.resume else None
         if done is not None:
             log.info("stage %s already finished; skipping", stage.name)
+            if len(pipe.stages) > 1:
+                print(f"== stage {stage.name}: finished earlier, skipped ==", flush=True)
             results[stage.name] = done
         else:
             if len(pipe.stages) > 1:
-                print(f"== stage {stage.name} ({stage.config.loss.name}) ==", flush=True)
+                os.makedirs(stage_dir, exist_ok=True)
+                atomic_write_text(os.path.join(stage_dir, "config.yaml"), yaml.safe_dump(res, sort_keys=False))
+                start = f"from {init}" if init else f"from {stage.config.model.name}"
+                print(f"== stage {stage.name} ({stage.config.loss.name}) {start} ==", flush=True)
             results[stage.name] = Trainer(stage.config, stage_dir, init_path=init).fit()
         init = results[stage.name].get("final_model")
         if init is None:  # stopped early (signal / max_steps): later stages cannot start
@@ -66,13 +113,15 @@ def report(results: dict[str, dict]) -> str:
     lines = []
     for name, summary in results.items():
         before, after = summary.get("before") or {}, summary.get("after") or {}
-        keys = [k for k in ("accuracy", "pass@1", "mean_length") if k in before or k in after]
+        keys = [k for k in ("accuracy", "pass@1", "mean_length", "pref_accuracy", "pref_logp_accuracy", "pref_margin")
+                if k in before or k in after]
         keys += sorted(k for k in after if k.startswith("pass@") and k not in keys)
         if not keys:
             continue
-        lines.append(f"[{name}] {'metric':<14}{'before':>10}{'after':>10}")
+        w = max(14, max(len(k) for k in keys) + 2)
+        lines.append(f"[{name}] {'metric':<{w}}{'before':>10}{'after':>10}")
         for k in keys:
             b = f"{before[k]:.3f}" if k in before else "-"
             a = f"{after[k]:.3f}" if k in after else "-"
-            lines.append(f"[{name}] {k:<14}{b:>10}{a:>10}")
+            lines.append(f"[{name}] {k:<{w}}{b:>10}{a:>10}")
     return "\n".join(lines)

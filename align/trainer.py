@@ -32,7 +32,7 @@ from losses import Batch, LossContext
 from rollouts.sources import DatasetSource
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, lora
 from .backend import build_backend
 from .collate import collate, plan_micro_batches
 from .config import RunConfig, build_loss
@@ -129,28 +129,40 @@ class Trainer:
         if self.finished:  # a finished run: its final weights, nothing left to train
             weights, self.resume_from = finished["final_model"], None
             self.summary, self.step = finished, self.total_steps
-        self.model = load_model(weights, cfg.model, self.device)
+        self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
         self.backend = build_backend(self.model, cfg, self.total_steps, self.dist)
         self.ref_model = None
-        if needs & {"ref_logprobs", "ref_model"}:
-            # the frozen initial policy; from the base weights even when resuming (and under ZeRO-3, whose policy
-            # is already sharded: the reference loads into its own shards)
-            fresh = self.resume_from or self.dist.zero3
-            self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
-            self.ref_model.eval().requires_grad_(False)
-            self.ref_model = self.backend.prepare_reference(self.ref_model)
+        self._precompute_model = None
+        self.ref_cache = None  # reference log-probs precomputed over the training data (align/reference.py)
+        if "ref_logprobs" in needs and cfg.reference.precompute and cfg.rollout is None:  # a dataset source
+            self.ref_cache = self._precomputed_reference(examples, "train")
+        self.eval_pairs = self._load_eval_pairs()
+        self._precompute_model = None  # a reference loaded only for the precompute pass is freed here
+        if "ref_model" in needs or ("ref_logprobs" in needs and self.ref_cache is None):
+            # the frozen initial policy; from the base weights when resuming or finished (and under ZeRO-3, whose
+            # policy is already sharded: the reference loads into its own shards)
+            fresh = self.resume_from or self.step or self.dist.zero3
+            self.ref_model = lora.reference_view(self.model)  # LoRA: the policy with its adapters off, no copy
+            if self.ref_model is None:
+                self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
+                self.ref_model.eval().requires_grad_(False)
+                self.ref_model = self.backend.prepare_reference(self.ref_model)
 
         self.engine = self.engine_sync = None
+        self.evaluates = self.eval_prompts is not None or self.eval_pairs is not None
         if self.eval_prompts is not None or cfg.rollout is not None:
             from .online import EngineSync, build_engine, build_rollout_source, checkpoint_step
 
-            self.engine = build_engine(cfg, self.model, self.tokenizer, weights, checkpoint_step(self.resume_from))
+            start, push = lora.engine_start(weights, base) if cfg.peft is not None else (weights, False)
+            self.engine = build_engine(cfg, self.model, self.tokenizer, start, checkpoint_step(self.resume_from))
             self.engine_sync = EngineSync(self.engine, self.backend.named_weights,
                                           sync_every=cfg.rollout.sync_every if cfg.rollout else 1,
                                           sleep=cfg.engine.name == "vllm" and cfg.engine.sleep)
+            if push and self.engine.copies_weights:  # LoRA: the engine started from the base; give it the policy
+                self.engine_sync.push(self.engine.weight_version)
             if cfg.rollout is not None:
                 self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size,
                                                    rank=self.dist.rank, world_size=self.dist.world_size)
@@ -216,11 +228,11 @@ class Trainer:
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]],
-                          temperature: float | None = None) -> torch.Tensor:
+                          micro_batch_size: int | None = None, temperature: float | None = None) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         t = self.cfg.train
-        plan, _ = distributed.pad_plan(plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens),
-                                       self.backend)  # same forward count on every rank (ZeRO-3 gathers per module)
+        plan = plan_micro_batches(batch, units, micro_batch_size or t.micro_batch_size, t.micro_batch_tokens)
+        plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))  # same forward count on every rank
         for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
             mb = batch.select(rows)
             _, lp, _ = self._forward(model, mb, temperature=temperature)
@@ -234,7 +246,8 @@ class Trainer:
             raise TrainingError(f"loss '{self.loss.name}' needs rewards (batch.extras['reward']), but this batch has "
                                 "none (they come from rollouts: add a `rollout:` section)")
         if "ref_logprobs" in needs and "ref_logprobs" not in batch.extras:
-            batch.extras["ref_logprobs"] = self._logprobs_no_grad(self.ref_model, batch, units)
+            batch.extras["ref_logprobs"] = self.ref_cache.fill(batch, units) if self.ref_cache is not None \
+                else self._logprobs_no_grad(self.ref_model, batch, units)
         online = "engine_logprobs" in batch.extras
         if "old_logprobs" not in needs and not online:
             return {}
@@ -253,6 +266,42 @@ class Trainer:
             metrics["mismatch/weight_lag"] = self.step - float(batch.extras["weight_version"].mean())
         return metrics
 
+    # ---------------------------------------------------------------------------------- precomputed reference
+    def _precomputed_reference(self, examples, name: str):
+        """Reference log-probs of ``examples``: from the disk cache, or one pass of the reference (this stage's initial
+        weights) now (LOSSES.md §2.4)."""
+        from . import reference
+
+        cfg = self.cfg
+        settings = {"dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation, "max_length": cfg.data.max_length}
+        return reference.cached(
+            examples, weights=reference.weights_fingerprint(self.base_path), get_model=self._reference_for_precompute,
+            logprobs_fn=self._reference_pass, settings=settings, pad_id=self.tokenizer.pad_token_id,
+            cache_dir=cfg.reference.cache_dir or os.path.join(self.run_dir, "ref_logprobs"), device=self.device,
+            progress=cfg.log.progress, name=name, is_main=self.is_main,
+            all_agree=lambda hit: self.backend.all_reduce_sum([float(hit)])[0] == self.dist.world_size)
+
+    def _reference_for_precompute(self):
+        view = lora.reference_view(self.model)  # LoRA: the base is the policy with its adapters off
+        if view is not None:
+            return view
+        if self.step == 0 and not self.resume_from:
+            return self.model  # before the first step the policy is the reference
+        if self._precompute_model is None:
+            self._precompute_model = load_model(self.base_path, self.cfg.model, self.device)
+        return self._precompute_model
+
+    def _reference_pass(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
+        return self._logprobs_no_grad(model, batch, units, self.cfg.reference.micro_batch_size)
+
+    def _load_eval_pairs(self):
+        if not self.cfg.eval.pairs:
+            return None
+        from .pref_eval import load_pairs
+
+        examples = load_pairs(self.cfg.eval.pairs, self.tokenizer, self.cfg.data, self.cfg.eval.pairs_limit)
+        return examples, self._precomputed_reference(examples, "eval")
+
     def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
         sel = torch.as_tensor(rows, dtype=torch.long, device=batch.loss_mask.device)
         tokens, seqs, micro = self.backend.all_reduce_sum(
@@ -266,7 +315,7 @@ class Trainer:
         rows_all = [r for u in units for r in u]
         plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
         ctx = self._context(batch, rows_all, len(plan))
-        plan, n_real = distributed.pad_plan(plan, self.backend)  # same micro-batch count on every rank
+        plan, n_real = distributed.pad_plan(plan, self.backend, _filler(batch, plan))  # same count on every rank
         model = self.backend.module
         model.train()
         total_loss, finite = 0.0, True
@@ -317,7 +366,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self, max_steps: int | None = None) -> dict:
-        """Train to ``train.steps`` (or ``max_steps`` more optimizer steps, for tests and graceful stops)."""
+        """Train to ``train.steps``, or stop after ``max_steps`` more optimizer steps, rounded up to the end of the
+        experience batch in progress (losses with ``minibatches`` > 1 take several steps per batch)."""
         self.setup()
         cfg = self.cfg
         if self.finished:
@@ -327,7 +377,7 @@ class Trainer:
                                total_steps=self.total_steps, start_step=self.step, enabled=self.is_main)
         self.logger = logger
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
-        if self.step == 0 and cfg.eval.before and self.eval_prompts is not None and "before" not in self.summary:
+        if self.step == 0 and cfg.eval.before and self.evaluates and "before" not in self.summary:
             self.summary["before"] = self._evaluate(logger, tag="before")
         next_save = self._next_multiple(cfg.train.save_every)
         next_eval = self._next_multiple(cfg.eval.every)
@@ -354,7 +404,9 @@ class Trainer:
                         random.Random(f"{cfg.seed}-{self.step}-{epoch}").shuffle(order)
                     parts = np.array_split(np.array(order), self.loss.minibatches)
                     for part in parts:
-                        if self.step >= stop_at or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
+                        # an experience batch is finished before stopping early (max_steps, signals): checkpoints
+                        # sit at experience boundaries, so a resume never skips the rest of a batch
+                        if self.step >= self.total_steps or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
                             break
                         metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}
                         self.step += 1
@@ -368,7 +420,7 @@ class Trainer:
                 if self.step >= next_save and self.step < self.total_steps:
                     self.save()
                     next_save = self._next_multiple(cfg.train.save_every)
-                if self.step >= next_eval and self.step < self.total_steps and self.eval_prompts is not None:
+                if self.step >= next_eval and self.step < self.total_steps and self.evaluates:
                     self._evaluate(logger, tag=f"step-{self.step}")
                     next_eval = self._next_multiple(cfg.eval.every)
         if self._stop_agreed() or self.step < self.total_steps:
@@ -425,18 +477,20 @@ class Trainer:
         logger.progress(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
 
     def _evaluate(self, logger: MetricsLogger, tag: str) -> dict:
-        self.engine_sync.ensure_current(self.step)
+        if self.engine_sync is not None:  # generation eval: the engine must hold the current weights
+            self.engine_sync.ensure_current(self.step)
         t0 = time.time()
         metrics = evaluate_model(self, tag)
         metrics["eval_time"] = time.time() - t0
         logger.log(self.step, metrics, kind="eval")
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("accuracy", "pass@1", "mean_length"))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if k in ("accuracy", "pass@1", "mean_length", "pref_accuracy", "pref_logp_accuracy"))
         logger.write(f"eval [{tag}] step {self.step}: {shown}")
         return metrics
 
     def _finish(self, logger: MetricsLogger) -> None:
         cfg = self.cfg
-        if self.eval_prompts is not None:
+        if self.evaluates:
             self.summary["after"] = self._evaluate(logger, tag="after")
         final = ckpt.save_final(self.run_dir, lambda folder: self.backend.save_model(folder, self.tokenizer),
                                 comm=self.backend)
@@ -455,6 +509,18 @@ class Trainer:
         ckpt.atomic_write_text(os.path.join(self.run_dir, "summary.json"), json.dumps(self.summary, indent=2))
 
 
+def _filler(batch: Batch, plan: list[list[int]]) -> list[int] | None:
+    """Rows for a rank's weight-0 micro-batches when it has no real one: the batch's first example whole (its
+    samples are adjacent and share a group id), so a preference pair stays a pair. None: pad_plan's default."""
+    if plan or batch.group_ids is None:
+        return None
+    g = batch.group_ids.tolist()
+    k = 1
+    while k < len(g) and g[k] == g[0]:
+        k += 1
+    return list(range(k))
+
+
 def _read_summary(run_dir: str) -> dict:
     import json
 
@@ -468,10 +534,19 @@ def _read_summary(run_dir: str) -> dict:
 def evaluate_model(trainer: Trainer, tag: str) -> dict:
     from .evaluate import evaluate
 
-    # every rank evaluates (under ZeRO-3 generation gathers parameters collectively); rank 0 writes the samples
-    path = os.path.join(trainer.run_dir, "samples", f"eval-{tag}.jsonl") if trainer.is_main else None
-    return evaluate(trainer.engine, trainer.eval_prompts, trainer.cfg.eval, trainer.eval_rewards,
-                    seed=trainer.cfg.seed, samples_path=path)
+    metrics = {}
+    if trainer.eval_prompts is not None:
+        # every rank evaluates (under ZeRO-3 generation gathers parameters collectively); rank 0 writes the samples
+        path = os.path.join(trainer.run_dir, "samples", f"eval-{tag}.jsonl") if trainer.is_main else None
+        metrics.update(evaluate(trainer.engine, trainer.eval_prompts, trainer.cfg.eval, trainer.eval_rewards,
+                                seed=trainer.cfg.seed, samples_path=path))
+    if trainer.eval_pairs is not None:  # every rank runs the same forwards (collective under ZeRO-3)
+        from .pref_eval import preference_metrics
+
+        examples, ref = trainer.eval_pairs
+        metrics.update(preference_metrics(trainer.model, examples, ref, trainer._reference_pass,
+                                          trainer.tokenizer.pad_token_id, trainer.device))
+    return metrics
 
 
 @contextmanager

@@ -7,6 +7,7 @@
 - ``prompts.jsonl``  training prompts with ``answer`` (for RL / best-of-N from rollouts)
 - ``pairs.jsonl``    preference rows: the correct answer chosen, a plausible wrong one (a dropped carry, an
                      off-by-one digit) rejected
+- ``test_pairs.jsonl`` the same kind of pairs on the held-out test questions (for ``eval.pairs``)
 
 Exact-match scoring (rollouts/rewards.py ``exact_match``) is the verifier.
 """
@@ -63,6 +64,10 @@ def make(out: str, max_value: int = 99, test_size: int = 200, seed: int = 0, tra
     write("pairs.jsonl", [{"prompt": chat(a, b), "chosen": [{"role": "assistant", "content": str(a + b)}],
                            "rejected": [{"role": "assistant", "content": plausible_wrong(a, b, rng)}]}
                           for a, b in train])
+    test_rng = random.Random(f"{seed}-test-pairs")  # its own stream: the files above stay as they were
+    write("test_pairs.jsonl", [{"prompt": chat(a, b), "chosen": [{"role": "assistant", "content": str(a + b)}],
+                                "rejected": [{"role": "assistant", "content": plausible_wrong(a, b, test_rng)}]}
+                               for a, b in test])
     return {"train": len(train), "test": len(test)}
 
 
