@@ -89,8 +89,8 @@ def test_bon_family_trains_through_the_loop(tmp_path, loss, rollout, logged):
     assert len(rows) == 20 and logged in rows[0]
     first, last = (sum(r["reward/test_bon_training:digit_share"] for r in part) / 4 for part in (rows[:4], rows[-4:]))
     assert last > first + 0.05, (first, last)
-    for row in rows:  # the policy's samples come from the policy itself: no mismatch (anchor rows excluded)
-        assert row["mismatch/logprob_diff_max"] < 1e-4
+    for row in rows:  # the policy's samples come from the policy itself: no mismatch, no lag (anchor rows excluded)
+        assert row["mismatch/logprob_diff_max"] < 1e-4 and row["mismatch/weight_lag"] == 0
 
 
 def test_jbond_anchor_is_an_ema_of_the_policy_and_resumes_exactly(tmp_path):
