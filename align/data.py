@@ -292,6 +292,9 @@ def validate_row(row: dict, i: int, fmt: str, source: str) -> None:
     if fmt == "messages":
         _check_messages(row["messages"], source, i, "messages", need_assistant=True)
     elif fmt == "text":
+        if isinstance(row["text"], list):  # a plain-text row; chat turns belong in a messages column
+            raise DataError(source, i, "text", f"expected plain text, got a list {_show(row['text'])}",
+                            "give the text as one string, or put chat turns in a 'messages' column")
         _check_text(row["text"], source, i, "text", "text")
     elif fmt == "prompt":
         _check_text(row["prompt"], source, i, "prompt", "prompt")

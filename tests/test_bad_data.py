@@ -104,3 +104,9 @@ def test_random_files_raise_only_data_errors(tokenizer, tmp_path_factory, rows):
         load_examples(str(path), tokenizer, DataConfig(max_length=24), progress=False)
     except DataError:
         pass
+
+
+def test_a_text_row_holding_chat_turns_is_a_data_error():
+    """Found by the property test above: a `text` row whose value is a list of messages used to reach the tokenizer."""
+    with pytest.raises(DataError, match=r"rows.jsonl, row 3, field 'text'.*expected plain text, got a list"):
+        validate_row({"text": [{"role": "user", "content": "hi"}]}, 3, "text", "rows.jsonl")
