@@ -53,8 +53,17 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, output: str = 
     """The model a loss's ``output`` needs from ``path``, in ``cfg.dtype`` on ``device``, dropout off (as TRL's
     disable_dropout): a causal LM for ``"logprobs"``; for ``"scores"`` a sequence-classification model with one
     output (a causal-LM checkpoint gets a freshly initialised score head, as TRL's RewardTrainer does) whose
-    ``config.pad_token_id`` is set (its score is read at the last non-pad token)."""
+    ``config.pad_token_id`` is set (its score is read at the last non-pad token). A LoRA adapter folder (a LoRA run's
+    checkpoint or final/) loads as its base model with the adapter merged in (align/lora.py)."""
     from transformers import AutoModelForCausalLM
+
+    from . import lora
+
+    if lora.is_adapter_dir(path):
+        if output == "scores":
+            raise ValueError(f"{path} holds LoRA adapters; a reward model starts from full weights: merge them first "
+                             f"(align export {path} OUT) and give that folder")
+        return lora.load_merged(path, cfg, device)
 
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:

@@ -32,7 +32,7 @@ from losses import Batch, LossContext
 from rollouts.sources import DatasetSource
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, lora
 from .backend import build_backend
 from .collate import collate, plan_micro_batches
 from .config import RunConfig, build_loss
@@ -126,8 +126,11 @@ class Trainer:
         if self.finished:  # a finished run: its final weights, nothing left to train
             weights, self.resume_from = finished["final_model"], None
             self.summary, self.step = finished, self.total_steps
-        self.model = load_model(weights, cfg.model, self.device, output=self.loss.output,
-                                pad_token_id=self.tokenizer.pad_token_id)  # the loss's output picks the model class
+        if self.loss.output == "scores":  # a reward model: a sequence-classification head (no LoRA: config check)
+            self.model = load_model(weights, cfg.model, self.device, output="scores",
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        else:
+            self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
@@ -143,19 +146,24 @@ class Trainer:
             # the frozen initial policy; from the base weights when resuming or finished (and under ZeRO-3, whose
             # policy is already sharded: the reference loads into its own shards)
             fresh = self.resume_from or self.step or self.dist.zero3
-            self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
-            self.ref_model.eval().requires_grad_(False)
-            self.ref_model = self.backend.prepare_reference(self.ref_model)
+            self.ref_model = lora.reference_view(self.model)  # LoRA: the policy with its adapters off, no copy
+            if self.ref_model is None:
+                self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
+                self.ref_model.eval().requires_grad_(False)
+                self.ref_model = self.backend.prepare_reference(self.ref_model)
 
         self.engine = self.engine_sync = None
         self.evaluates = self.eval_prompts is not None or self.eval_pairs is not None
         if self.eval_prompts is not None or cfg.rollout is not None:
             from .online import EngineSync, build_engine, build_rollout_source, checkpoint_step
 
-            self.engine = build_engine(cfg, self.model, self.tokenizer, weights, checkpoint_step(self.resume_from))
+            start, push = lora.engine_start(weights, base) if cfg.peft is not None else (weights, False)
+            self.engine = build_engine(cfg, self.model, self.tokenizer, start, checkpoint_step(self.resume_from))
             self.engine_sync = EngineSync(self.engine, self.backend.named_weights,
                                           sync_every=cfg.rollout.sync_every if cfg.rollout else 1,
                                           sleep=cfg.engine.name == "vllm" and cfg.engine.sleep)
+            if push and self.engine.copies_weights:  # LoRA: the engine started from the base; give it the policy
+                self.engine_sync.push(self.engine.weight_version)
             if cfg.rollout is not None:
                 self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size,
                                                    rank=self.dist.rank, world_size=self.dist.world_size)
@@ -282,6 +290,9 @@ class Trainer:
             all_agree=lambda hit: self.backend.all_reduce_sum([float(hit)])[0] == self.dist.world_size)
 
     def _reference_for_precompute(self):
+        view = lora.reference_view(self.model)  # LoRA: the base is the policy with its adapters off
+        if view is not None:
+            return view
         if self.step == 0 and not self.resume_from:
             return self.model  # before the first step the policy is the reference
         if self._precompute_model is None:
