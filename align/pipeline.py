@@ -136,4 +136,5 @@ def _reward_keys(before: dict, after: dict) -> list[str]:
     `accuracy`), e.g. a verifier next to a learned reward."""
     keys = [k for k in ("pref_reward_chosen", "pref_reward_rejected", "pref_sign_accuracy") if k in before or k in after]
     terms = sorted({k for k in (*before, *after) if k.startswith("reward/") and not k.endswith("/failures")})
-    return keys + (terms if len(terms) > 1 else [])
+    gaps = sorted({k for k in (*before, *after) if k.startswith("gap/")})  # align/evaluate.py
+    return keys + (terms if len(terms) > 1 else []) + gaps

@@ -57,3 +57,24 @@ def metrics_of(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
 
 def reward_pair_metrics(model, examples: list[Example], scores_fn: ScoresFn, pad_id: int, device) -> dict[str, float]:
     return metrics_of(*pair_scores(model, examples, scores_fn, pad_id, device))
+
+
+def eval_reward_model(model_path: str, cfg, device) -> dict[str, float]:
+    """``align eval`` on a reward model (a run whose loss has ``output = "scores"``): held-out pairwise accuracy on
+    ``eval.pairs``, each sequence scored by the saved model exactly as in training (align/scores.py)."""
+    from .configio import ConfigError
+    from .models import load_model, load_tokenizer
+    from .pref_eval import load_pairs
+    from .scores import forward_scores
+
+    if not cfg.eval.pairs:
+        raise ConfigError("a reward model is evaluated on held-out preference pairs: set eval.pairs, e.g. "
+                          "eval.pairs=examples/data/arith/test_pairs.jsonl")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, cfg.model.trust_remote_code)
+    model = load_model(model_path, cfg.model, device, output="scores", pad_token_id=tokenizer.pad_token_id)
+    examples = load_pairs(cfg.eval.pairs, tokenizer, cfg.data, cfg.eval.pairs_limit)
+
+    def scores_fn(m, batch, units):
+        return forward_scores(m, batch.input_ids, batch.attention_mask)[1]
+
+    return reward_pair_metrics(model, examples, scores_fn, tokenizer.pad_token_id, device)
