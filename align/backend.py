@@ -114,11 +114,13 @@ class TorchBackend:
     def prepare_reference(self, ref: torch.nn.Module) -> torch.nn.Module:
         return ref
 
-    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
+    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False,
+                temperature: float = 1.0):
         """(hidden (B, T, H), log-probs (B, T), entropy or None) of ``model`` on a micro-batch (align/head.py); for
         the trained model, what its ``forward_fn`` gives (a reward model: (None, (B,) scores, None))."""
         fn = self.forward_fn if model is self.model else forward_logprobs  # frozen references are policies
-        return fn(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+        return fn(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens, with_entropy=with_entropy,
+                  temperature=temperature)
 
     def agreed_chunks(self, loss_mask: torch.Tensor, chunk_tokens: int) -> None:
         return None  # one process: each LM-head call is local

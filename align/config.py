@@ -156,7 +156,7 @@ class RolloutConfig:
     prompts: str = ""  # prompt file(s) or hub dataset: a `prompt` column plus the columns rewards read (`answer`)
     limit: int | None = None  # use at most this many prompts
     n: int = 4  # samples per prompt (one group)
-    temperature: float = 1.0  # sampling temperature (log-probs are always those of the temperature-1 policy)
+    temperature: float = 1.0  # sampling temperature T; the trainer's log-probs are those of π_T = softmax(z/T)
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # 0: off
     max_new_tokens: int = 64  # generation budget per sample

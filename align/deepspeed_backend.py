@@ -50,9 +50,9 @@ class LogprobModule(torch.nn.Module):
         self.forward_fn = forward_fn
 
     def forward(self, input_ids, attention_mask, loss_mask, chunk_tokens: int = 1024, with_entropy: bool = False,
-                n_chunks: int | None = None):
+                n_chunks: int | None = None, temperature: float = 1.0):
         return self.forward_fn(self.model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
-                               with_entropy=with_entropy, n_chunks=n_chunks)
+                               with_entropy=with_entropy, n_chunks=n_chunks, temperature=temperature)
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -163,7 +163,8 @@ class DeepSpeedBackend:
             return self._runners[id(model)][1]
         return None
 
-    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
+    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False,
+                temperature: float = 1.0):
         """(hidden, log-probs, entropy) of ``model`` — through its DeepSpeed engine when this backend wraps it."""
         host = getattr(model, "adapter_host", None)
         if host is not None:  # LoRA reference (align/lora.py AdapterDisabled): the policy's engine, adapters off
@@ -173,10 +174,10 @@ class DeepSpeedBackend:
         engine = self._engine_for(model)
         if engine is None:
             return forward_logprobs(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
-                                    with_entropy=with_entropy)
+                                    with_entropy=with_entropy, temperature=temperature)
         n_chunks = self.agreed_chunks(loss_mask, chunk_tokens)
         return engine(input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens, with_entropy=with_entropy,
-                      n_chunks=n_chunks)
+                      n_chunks=n_chunks, temperature=temperature)
 
     def agreed_chunks(self, loss_mask: torch.Tensor, chunk_tokens: int) -> int | None:
         """LM-head chunk count shared by all ranks (ZeRO-3 with several ranks), else None (each rank its own)."""

@@ -13,8 +13,10 @@ import torch
 
 
 def forward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   *, chunk_tokens: int = 1024, with_entropy: bool = False, n_chunks: int | None = None):
-    """(None, (B,) fp32 scores, None): the signature of ``align.head.forward_logprobs``, so backends run either."""
+                   *, chunk_tokens: int = 1024, with_entropy: bool = False, n_chunks: int | None = None,
+                   temperature: float = 1.0):
+    """(None, (B,) fp32 scores, None): the signature of ``align.head.forward_logprobs``, so backends run either
+    (``temperature`` scales log-probs only: a score is the raw head output)."""
     if getattr(model.config, "pad_token_id", None) is None:
         raise ValueError("a sequence-scoring model needs config.pad_token_id to find each row's last token; load it "
                          "with align.models.load_model(..., pad_token_id=tokenizer.pad_token_id)")
