@@ -129,11 +129,15 @@ class Trainer:
         if self.finished:  # a finished run: its final weights, nothing left to train
             weights, self.resume_from = finished["final_model"], None
             self.summary, self.step = finished, self.total_steps
-        self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
+        if self.loss.output == "scores":  # a reward model: a sequence-classification head (no LoRA: config check)
+            self.model = load_model(weights, cfg.model, self.device, output="scores",
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        else:
+            self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
-        self.backend = build_backend(self.model, cfg, self.total_steps, self.dist)
+        self.backend = build_backend(self.model, cfg, self.total_steps, self.dist, output=self.loss.output)
         if self.dist.zero3 and (self.loss.reference_ema or "reference_rewards" in needs):
             raise TrainingError(f"loss '{self.loss.name}' samples from or moves its reference model, which is not "
                                 "supported under ZeRO-3 (sharded parameters); use zero_stage 0-2 or one process")
@@ -251,6 +255,18 @@ class Trainer:
             out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
         return out
 
+    @torch.no_grad()
+    def _scores_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
+        """(B,) scores of a sequence-scoring model (loss output "scores"), with the same forwards on every rank."""
+        out = torch.zeros(len(batch), dtype=torch.float32, device=batch.input_ids.device)
+        t = self.cfg.train
+        plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
+        plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))
+        for rows in plan:
+            _, scores, _ = self._forward(model, batch.select(rows))
+            out[torch.as_tensor(rows, device=out.device)] = scores
+        return out
+
     def _fill_needs(self, batch: Batch, units: list[list[int]]) -> dict[str, float]:
         """Fill what the loss needs; for rollouts also the engine-vs-trainer mismatch and ``tis_weight``."""
         needs = self.loss.needs
@@ -317,6 +333,8 @@ class Trainer:
         from .pref_eval import load_pairs
 
         examples = load_pairs(self.cfg.eval.pairs, self.tokenizer, self.cfg.data, self.cfg.eval.pairs_limit)
+        if self.loss.output == "scores":  # a reward model ranks pairs by its own scores: no reference
+            return examples, None
         return examples, self._precomputed_reference(examples, "eval")
 
     def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
@@ -563,8 +581,14 @@ def evaluate_model(trainer: Trainer, tag: str) -> dict:
         from .pref_eval import preference_metrics
 
         examples, ref = trainer.eval_pairs
-        metrics.update(preference_metrics(trainer.model, examples, ref, trainer._reference_pass,
-                                          trainer.tokenizer.pad_token_id, trainer.device))
+        if ref is None:  # a reward model: pairwise accuracy of its scores (align/reward_eval.py)
+            from .reward_eval import reward_pair_metrics
+
+            metrics.update(reward_pair_metrics(trainer.model, examples, trainer._scores_no_grad,
+                                               trainer.tokenizer.pad_token_id, trainer.device))
+        else:
+            metrics.update(preference_metrics(trainer.model, examples, ref, trainer._reference_pass,
+                                              trainer.tokenizer.pad_token_id, trainer.device))
     return metrics
 
 
