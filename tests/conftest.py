@@ -17,6 +17,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARITH = os.path.join(REPO, "examples", "data", "arith")
 
 
+@pytest.fixture(autouse=True)
+def _close_run_logs():
+    """Each Trainer adds a FileHandler for RUN_DIR/train.log to the `align` logger; drop them after every test. Left
+    attached, a handler whose run directory a test moved or deleted fails the next log call of a later test once
+    anything has closed the handlers (logging.config.dictConfig closes them all, and importing vllm calls it)."""
+    yield
+    import logging
+
+    root = logging.getLogger("align")
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved tiny Llama model + character tokenizer (built offline once per test session)."""
