@@ -157,8 +157,8 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
         return (loss * float("nan") if t.step >= 2 else loss), m
 
     t.loss = type("L", (), {"__call__": staticmethod(nan_loss), "needs": real_loss.needs, "epochs": 1,
-                            "minibatches": 1, "prepare": real_loss.prepare, "aggregation": "token_mean",
-                            "name": "sft"})()
+                            "minibatches": 1, "reference_ema": 0.0, "prepare": real_loss.prepare,
+                            "aggregation": "token_mean", "name": "sft"})()
     before = params(t.model)
     with pytest.raises(TrainingError, match="3 optimizer steps in a row had a NaN/Inf loss"):
         t.fit()
