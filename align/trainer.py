@@ -619,6 +619,10 @@ def _log_to_file(run_dir: str) -> None:
     path = os.path.abspath(os.path.join(run_dir, "train.log"))
     root = logging.getLogger("align")
     root.setLevel(logging.INFO)
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename != path
+              and os.path.basename(h.baseFilename) == "train.log"]:  # an earlier run's log (same process): detach it
+        root.removeHandler(h)
+        h.close()
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

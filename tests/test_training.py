@@ -211,3 +211,23 @@ def test_resume_mid_experience_batch_is_exact(tmp_path):
     b2.fit()
     pa, pb = params(a.model), params(b2.model)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_a_run_logs_only_to_its_own_train_log(tmp_path):
+    """Two runs in one process (a pipeline, a notebook): the second run's messages go to its own train.log only."""
+    import logging
+
+    from align.trainer import _log_to_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    log = logging.getLogger("align")
+    _log_to_file(str(a))
+    log.info("first run")
+    _log_to_file(str(b))
+    log.info("second run")
+    for h in log.handlers:
+        h.flush()
+    assert "first run" in (a / "train.log").read_text() and "second run" not in (a / "train.log").read_text()
+    assert "second run" in (b / "train.log").read_text()
