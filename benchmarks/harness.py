@@ -12,21 +12,22 @@ import sys
 import tempfile
 import time
 
-LOSS_RTOL = 1e-4  # relative agreement of the first optimizer step's loss, fp32
+RTOL = 1e-4  # relative agreement of the first optimizer step's loss and gradient norm, fp32
 
 
-def run_align(cfg: dict, steps: int, trainer_cls=None) -> tuple[list[tuple[float, float]], object]:
-    """A fresh align Trainer on ``cfg`` for ``steps`` optimizer steps: [(time at step end, loss)], the trainer."""
+def run_align(cfg: dict, steps: int, trainer_cls=None) -> tuple[list[tuple[float, float, float]], object]:
+    """A fresh align Trainer on ``cfg`` for ``steps`` optimizer steps: [(time at step end, loss, gradient norm)] and
+    the trainer."""
     from align.config import pipeline_from_dict
     from align.trainer import Trainer
 
     trainer = (trainer_cls or Trainer)(pipeline_from_dict(cfg).stages[0].config)
     trainer.setup()
-    marks: list[tuple[float, float]] = []
+    marks: list[tuple[float, float, float]] = []
     after_step = trainer._after_step
 
     def record(metrics, logger):
-        marks.append((time.perf_counter(), metrics["loss"]))
+        marks.append((time.perf_counter(), metrics["loss"], metrics["grad_norm"]))
         after_step(metrics, logger)
 
     trainer._after_step = record
@@ -35,7 +36,8 @@ def run_align(cfg: dict, steps: int, trainer_cls=None) -> tuple[list[tuple[float
 
 
 def trl_trainer_class(base):
-    """``base`` (a TRL trainer class) that records [(time at step end, loss)] in ``self.marks``; with ``sampler`` set
+    """``base`` (a TRL trainer class) that records [(time at step end, loss, gradient norm before clipping)] in
+    ``self.marks``; with ``sampler`` set
     (a callable dataset → Sampler), that sampler replaces the trainer's shuffling (the order both sides share)."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -43,15 +45,15 @@ def trl_trainer_class(base):
     class Marks(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             trainer = self.trainer
-            trainer.marks.append((time.perf_counter(), trainer._bench_loss))
+            trainer.marks.append((time.perf_counter(), trainer._bench_loss, trainer._bench_norm))
             trainer._bench_loss = 0.0
 
     class Recorded(base):
         sampler = None
 
         def __init__(self, *args, **kwargs):
-            self.marks: list[tuple[float, float]] = []
-            self._bench_loss = 0.0
+            self.marks: list[tuple[float, float, float]] = []
+            self._bench_loss, self._bench_norm = 0.0, float("nan")
             marks = Marks()
             marks.trainer = self
             super().__init__(*args, callbacks=[marks], **kwargs)
@@ -62,6 +64,11 @@ def trl_trainer_class(base):
                 return super()._get_train_sampler(train_dataset)
             return self.sampler(train_dataset if train_dataset is not None else self.train_dataset)
 
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)
+            self._bench_norm = float(norm)
+            return norm
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._bench_loss += float(loss)  # each micro-batch's share of the optimizer-step loss
@@ -71,12 +78,13 @@ def trl_trainer_class(base):
     return Recorded
 
 
-def rate(marks: list[tuple[float, float]], amounts: list[float], warmup: int, unit: str) -> dict:
+def rate(marks: list[tuple[float, float, float]], amounts: list[float], warmup: int, unit: str) -> dict:
     """Amount per second over the steps after ``warmup`` (``amounts``: per step, e.g. tokens or pairs)."""
     times = [m[0] for m in marks]
     done = sum(amounts[warmup:])
     secs = times[-1] - times[warmup - 1] if warmup else times[-1] - times[0]
     return {"value": done / secs, "seconds": secs, "amount": done, "losses": [m[1] for m in marks],
+            "grad_norms": [m[2] for m in marks],
             "text": f"{done:.0f} {unit} in {secs:.2f} s = {done / secs:.1f} {unit}/s, first loss {marks[0][1]:.6f}"}
 
 
@@ -87,27 +95,30 @@ def free(*objects) -> None:
 
 
 class AgreementCheck:
-    """Wraps each side's run; once both have run, their first-step losses must agree (else the script stops)."""
+    """Wraps each side's run; once both have run, their first optimizer step's loss and gradient norm must agree
+    (relative ``rtol``), else the script stops: the two sides would not be computing the same thing."""
 
-    def __init__(self, what: str = "first-step loss", rtol: float = LOSS_RTOL):
-        self.first: dict[str, float] = {}
-        self.what, self.rtol = what, rtol
+    def __init__(self, rtol: float = RTOL):
+        self.first: dict[str, tuple[float, float]] = {}
+        self.rtol = rtol
 
     def wrap(self, name: str, run):
         def checked():
             res = run()
-            self.first.setdefault(name, res["losses"][0])
+            self.first.setdefault(name, (res["losses"][0], res["grad_norms"][0]))
             if len(self.first) == 2:
                 (na, a), (nb, b) = self.first.items()
-                if abs(a - b) > self.rtol * max(abs(a), abs(b)):
-                    sys.exit(f"{self.what} differs: {na} {a!r}, {nb} {b!r} (relative tolerance {self.rtol}); the two "
-                             "sides do not compute the same thing, so their speeds are not comparable")
+                for what, x, y in (("first-step loss", a[0], b[0]), ("first-step gradient norm", a[1], b[1])):
+                    if not abs(x - y) <= self.rtol * max(abs(x), abs(y)):
+                        sys.exit(f"{what} differs: {na} {x!r}, {nb} {y!r} (relative tolerance {self.rtol}); the two "
+                                 "sides do not compute the same thing, so their speeds are not comparable")
             return res
         return checked
 
     def summary(self) -> str:
         (na, a), (nb, b) = self.first.items()
-        return f"{self.what}: {na} {a:.6f}, {nb} {b:.6f} (|Δ| {abs(a - b):.1e}, tolerance {self.rtol:g} relative)"
+        return (f"first step: loss {na} {a[0]:.6f} / {nb} {b[0]:.6f}, gradient norm {na} {a[1]:.6f} / {nb} {b[1]:.6f} "
+                f"(agree to {self.rtol:g} relative)")
 
 
 def tmpdir(root: str, prefix: str) -> str:
