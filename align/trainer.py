@@ -376,6 +376,7 @@ class Trainer:
                 gctx = self._context(batch, [r for u in units for r in u], 1)
                 with torch.no_grad():
                     batch = self.loss.prepare(batch, gctx)
+                batch_metrics["prepare_time"] = time.time() - t0  # reference / old log-probs and loss.prepare
                 if self.source.online:
                     self.engine_sync.before_updates()
                 for epoch in range(self.loss.epochs):
@@ -386,9 +387,11 @@ class Trainer:
                     for part in parts:
                         if self.step >= stop_at or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
                             break
+                        t_update = time.time()
                         metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}
                         self.step += 1
                         now = time.time()
+                        metrics["update_time"] = now - t_update  # forward, backward and optimizer step
                         metrics["step_time"] = now - t0
                         metrics["tokens_per_s"] = metrics["tokens"] / max(now - t0, 1e-9)
                         t0 = now

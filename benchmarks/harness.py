@@ -15,19 +15,22 @@ import time
 RTOL = 1e-4  # relative agreement of the first optimizer step's loss and gradient norm, fp32
 
 
-def run_align(cfg: dict, steps: int, trainer_cls=None) -> tuple[list[tuple[float, float, float]], object]:
-    """A fresh align Trainer on ``cfg`` for ``steps`` optimizer steps: [(time at step end, loss, gradient norm)] and
-    the trainer."""
+def run_align(cfg: dict, steps: int, trainer_cls=None, on_setup=None) -> tuple[list[dict], object]:
+    """A fresh align Trainer on ``cfg`` for ``steps`` optimizer steps: one mark per step ({time at the step's end,
+    loss, grad_norm, metrics}) and the trainer. ``on_setup(trainer)`` runs after set-up, before the first step."""
     from align.config import pipeline_from_dict
     from align.trainer import Trainer
 
     trainer = (trainer_cls or Trainer)(pipeline_from_dict(cfg).stages[0].config)
     trainer.setup()
-    marks: list[tuple[float, float, float]] = []
+    if on_setup is not None:
+        on_setup(trainer)
+    marks: list[dict] = []
     after_step = trainer._after_step
 
     def record(metrics, logger):
-        marks.append((time.perf_counter(), metrics["loss"], metrics["grad_norm"]))
+        marks.append({"time": time.perf_counter(), "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                      "metrics": dict(metrics)})
         after_step(metrics, logger)
 
     trainer._after_step = record
@@ -36,8 +39,8 @@ def run_align(cfg: dict, steps: int, trainer_cls=None) -> tuple[list[tuple[float
 
 
 def trl_trainer_class(base):
-    """``base`` (a TRL trainer class) that records [(time at step end, loss, gradient norm before clipping)] in
-    ``self.marks``; with ``sampler`` set
+    """``base`` (a TRL trainer class) that records one mark per optimizer step in ``self.marks`` ({time at the step's
+    end, loss, grad_norm before clipping, and what ``self.step_extras()`` returns}); with ``sampler`` set
     (a callable dataset → Sampler), that sampler replaces the trainer's shuffling (the order both sides share)."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -45,14 +48,15 @@ def trl_trainer_class(base):
     class Marks(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             trainer = self.trainer
-            trainer.marks.append((time.perf_counter(), trainer._bench_loss, trainer._bench_norm))
+            trainer.marks.append({"time": time.perf_counter(), "loss": trainer._bench_loss,
+                                  "grad_norm": trainer._bench_norm, **getattr(trainer, "step_extras", dict)()})
             trainer._bench_loss = 0.0
 
     class Recorded(base):
         sampler = None
 
         def __init__(self, *args, **kwargs):
-            self.marks: list[tuple[float, float, float]] = []
+            self.marks: list[dict] = []
             self._bench_loss, self._bench_norm = 0.0, float("nan")
             marks = Marks()
             marks.trainer = self
@@ -78,14 +82,14 @@ def trl_trainer_class(base):
     return Recorded
 
 
-def rate(marks: list[tuple[float, float, float]], amounts: list[float], warmup: int, unit: str) -> dict:
+def rate(marks: list[dict], amounts: list[float], warmup: int, unit: str) -> dict:
     """Amount per second over the steps after ``warmup`` (``amounts``: per step, e.g. tokens or pairs)."""
-    times = [m[0] for m in marks]
+    times = [m["time"] for m in marks]
     done = sum(amounts[warmup:])
     secs = times[-1] - times[warmup - 1] if warmup else times[-1] - times[0]
-    return {"value": done / secs, "seconds": secs, "amount": done, "losses": [m[1] for m in marks],
-            "grad_norms": [m[2] for m in marks],
-            "text": f"{done:.0f} {unit} in {secs:.2f} s = {done / secs:.1f} {unit}/s, first loss {marks[0][1]:.6f}"}
+    return {"value": done / secs, "seconds": secs, "amount": done, "losses": [m["loss"] for m in marks],
+            "grad_norms": [m["grad_norm"] for m in marks],
+            "text": f"{done:.0f} {unit} in {secs:.2f} s = {done / secs:.1f} {unit}/s, first loss {marks[0]['loss']:.6f}"}
 
 
 def free(*objects) -> None:
@@ -96,11 +100,12 @@ def free(*objects) -> None:
 
 class AgreementCheck:
     """Wraps each side's run; once both have run, their first optimizer step's loss and gradient norm must agree
-    (relative ``rtol``), else the script stops: the two sides would not be computing the same thing."""
+    (relative ``rtol``; the loss also within ``loss_atol``, for losses that are 0 up to rounding at the first step,
+    as GRPO's), else the script stops: the two sides would not be computing the same thing."""
 
-    def __init__(self, rtol: float = RTOL):
+    def __init__(self, rtol: float = RTOL, loss_atol: float = 0.0):
         self.first: dict[str, tuple[float, float]] = {}
-        self.rtol = rtol
+        self.rtol, self.loss_atol = rtol, loss_atol
 
     def wrap(self, name: str, run):
         def checked():
@@ -108,8 +113,9 @@ class AgreementCheck:
             self.first.setdefault(name, (res["losses"][0], res["grad_norms"][0]))
             if len(self.first) == 2:
                 (na, a), (nb, b) = self.first.items()
-                for what, x, y in (("first-step loss", a[0], b[0]), ("first-step gradient norm", a[1], b[1])):
-                    if not abs(x - y) <= self.rtol * max(abs(x), abs(y)):
+                for what, x, y, atol in (("first-step loss", a[0], b[0], self.loss_atol),
+                                         ("first-step gradient norm", a[1], b[1], 0.0)):
+                    if not abs(x - y) <= self.rtol * max(abs(x), abs(y)) + atol:
                         sys.exit(f"{what} differs: {na} {x!r}, {nb} {y!r} (relative tolerance {self.rtol}); the two "
                                  "sides do not compute the same thing, so their speeds are not comparable")
             return res
@@ -117,8 +123,9 @@ class AgreementCheck:
 
     def summary(self) -> str:
         (na, a), (nb, b) = self.first.items()
-        return (f"first step: loss {na} {a[0]:.6f} / {nb} {b[0]:.6f}, gradient norm {na} {a[1]:.6f} / {nb} {b[1]:.6f} "
-                f"(agree to {self.rtol:g} relative)")
+        atol = f" + {self.loss_atol:g} absolute for the loss" if self.loss_atol else ""
+        return (f"first step: loss {na} {a[0]:.6g} / {nb} {b[0]:.6g}, gradient norm {na} {a[1]:.6f} / {nb} {b[1]:.6f} "
+                f"(agree to {self.rtol:g} relative{atol})")
 
 
 def tmpdir(root: str, prefix: str) -> str:

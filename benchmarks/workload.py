@@ -84,3 +84,19 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def prompt_rows(n: int, vocab: int, seed: int = 0, median: float = 48, sigma: float = 0.5, high: int = 256) -> list[dict]:
+    """Plain-text prompts of log-normal lengths (for rollouts)."""
+    rng = random.Random(seed)
+    return [{"prompt": words(rng, lognormal_length(rng, median, sigma, 4, high), vocab)} for _ in range(n)]
+
+
+def even_words(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Reward: the fraction of a completion's words with an even id (a cheap, varied score for a random model); the
+    same function for align (``benchmarks.workload:even_words``) and TRL (``reward_funcs``)."""
+    out = []
+    for c in completions:
+        ws = c.split()
+        out.append(sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in ws) / max(len(ws), 1))
+    return out
