@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from . import lora
 from .config import TrainConfig
 from .head import forward_logprobs
 
@@ -121,13 +122,18 @@ class TorchBackend:
         return None  # one process: each LM-head call is local
 
     def save_model(self, path: str, tokenizer=None) -> None:
+        """A Hugging Face folder; for a LoRA policy the adapter folder (align/lora.py)."""
+        if lora.is_peft(self.model):
+            lora.save_adapter(self.model, path, tokenizer)
+            return
         self.model.save_pretrained(path, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """Full, unsharded tensors in Hugging Face naming (for pushing into a generation engine)."""
-        return self.model.state_dict().items()
+        """Full, unsharded tensors in Hugging Face naming (for pushing into a generation engine); a LoRA policy's
+        merged W + s·BA, computed one module at a time."""
+        return lora.hf_weights(self.model)
 
 
 def build_backend(model: torch.nn.Module, cfg, total_steps: int, dist=None):

@@ -67,6 +67,14 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.target, args.out, args.overrides)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align", description="Post-training for language models: SFT, preference "
                                 "optimisation and reward-driven RL on one trainer.")
@@ -95,12 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output JSONL")
     g.set_defaults(fn=_cmd_generate)
 
+    x = sub.add_parser("export", help="write a run's final model as a full Hugging Face folder (LoRA adapters merged)")
+    x.add_argument("target", help="a run directory, or an adapter / model folder")
+    x.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.dtype=bfloat16")
+    x.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    x.set_defaults(fn=_cmd_export)
+
     r = sub.add_parser("rewards", help="list the built-in reward functions with their options")
     r.set_defaults(fn=_cmd_rewards)
 
     pl = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
+
+    # real models and data from installed packages (their own modules)
+    from .prepared import add_parser as add_prepare_model
+    from .tasks import add_data_parser
+
+    add_prepare_model(sub)
+    add_data_parser(sub)
     return p
 
 
@@ -119,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .configio import ConfigError
     from .data import DataError
+    from .prepared import PrepareError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, PrepareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,7 @@
 """The run configuration: one YAML file, typed dataclasses, a comment on every field.
 
 A config is a mapping of sections (``model``, ``data``, ``loss``, ``train``, ``engine``, ``rollout``, ``eval``,
-``reference``, ``backend``, ``log``). ``stages:`` turns it into a pipeline: every stage is the top-level config with
+``reference``, ``backend``, ``log``, ``peft``). ``stages:`` turns it into a pipeline: every stage is the top-level config with
 that stage's keys merged over it (a stage's ``loss`` replaces the top-level one), and starts from the previous
 stage's weights.
 """
@@ -242,6 +242,38 @@ class BackendConfig:
 
 
 @dataclass
+class PeftConfig:
+    """LoRA adapters through peft (README "LoRA"): only the adapters train; the reference policy is the same model with
+    its adapters disabled. ``peft: {}`` turns LoRA on with these defaults; no section (or null) trains every weight."""
+
+    r: int = 16  # LoRA rank: each adapted weight W (out × in) learns ΔW = (alpha / r) · B A, B: out × r, A: r × in
+    alpha: float = 32.0  # LoRA scale numerator (peft lora_alpha)
+    dropout: float = 0.0  # dropout on the adapter's input (peft lora_dropout); the base model's dropout stays off
+    target_modules: str | list[str] = "all-linear"  # "all-linear" (every linear layer but the LM head), module names matched as suffixes ([q_proj, v_proj]), or one regex string matched against full module names
+    exclude_modules: list[str] = field(default_factory=list)  # module names (suffixes) to leave out of target_modules
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved with the adapter (e.g. [lm_head]); tied embeddings stay tied
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
+
+    def check(self, where: str) -> None:
+        if self.r < 1:
+            raise ConfigError(f"{where}.r must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout must lie in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError(f"{where}.target_modules is empty: give module names, a regex, or \"all-linear\"")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            import re
+
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"{where}.target_modules: {self.target_modules!r} is neither \"all-linear\" nor a "
+                                  f"valid regex ({e}); for module names give a list, e.g. [q_proj, v_proj]") from None
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True  # write TensorBoard events under RUN_DIR/tb
     progress: bool = True  # show a progress bar
@@ -264,6 +296,7 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    peft: PeftConfig | None = None  # LoRA adapters (README "LoRA"); null: full fine-tuning
 
     @classmethod
     def __from_dict__(cls, data: dict, where: str) -> dict:

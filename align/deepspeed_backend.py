@@ -28,6 +28,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from . import lora
 from .backend import lr_lambda, param_groups
 from .distributed import Dist, agreed_chunks, all_reduce_max, all_reduce_sum
 from .head import forward_logprobs
@@ -162,6 +163,11 @@ class DeepSpeedBackend:
 
     def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
         """(hidden, log-probs, entropy) of ``model`` — through its DeepSpeed engine when this backend wraps it."""
+        host = getattr(model, "adapter_host", None)
+        if host is not None:  # LoRA reference (align/lora.py AdapterDisabled): the policy's engine, adapters off
+            with model.disabled():
+                return self.forward(host, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
+                                    with_entropy=with_entropy)
         engine = self._engine_for(model)
         if engine is None:
             return forward_logprobs(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
@@ -213,8 +219,10 @@ class DeepSpeedBackend:
                 "precision": self.bcfg.precision, "scheduler": self.scheduler.state_dict()}
 
     def save_state(self, folder: str) -> None:
-        """Every rank writes its shard of the model and optimizer state (DeepSpeed's layout) under folder/deepspeed."""
-        self.engine.save_checkpoint(os.path.join(folder, STATE_DIR), tag=STATE_TAG, save_latest=False)
+        """Every rank writes its shard of the model and optimizer state (DeepSpeed's layout) under folder/deepspeed.
+        LoRA: without the frozen base weights (they come from the base model on resume)."""
+        self.engine.save_checkpoint(os.path.join(folder, STATE_DIR), tag=STATE_TAG, save_latest=False,
+                                    exclude_frozen_parameters=lora.is_peft(self.model))
 
     def load_state_dict(self, state: dict, path: str | None = None) -> None:
         from .checkpoint import CheckpointError
@@ -231,7 +239,7 @@ class DeepSpeedBackend:
         if path is None or not os.path.isdir(os.path.join(path, STATE_DIR)):
             raise CheckpointError(f"{where} has no {STATE_DIR}/ folder (DeepSpeed state); it is incomplete")
         self.engine.load_checkpoint(os.path.join(path, STATE_DIR), tag=STATE_TAG, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False, load_module_strict=True)
+                                    load_lr_scheduler_states=False, load_module_strict=not lora.is_peft(self.model))
         self.scheduler.load_state_dict(state["scheduler"])
 
     # ------------------------------------------------------------------------------------------- weights out
@@ -242,10 +250,21 @@ class DeepSpeedBackend:
         ZeRO-3: a generator that gathers one module's parameters at a time (``zero.GatheredParameters``), yields a
         copy of each, and re-shards them before moving on, so besides the shards only one module is ever whole (plus
         the copy the consumer holds). Consume each tensor before asking for the next (``VLLMEngine.load_weights``
-        does) to keep the peak at one module. Stages 0–2: every rank already holds whole parameters."""
+        does) to keep the peak at one module. Stages 0–2: every rank already holds whole parameters.
+
+        LoRA: the merged W + s·BA (align/lora.py ``merged_weights``), gathered module by module under ZeRO-3."""
+        if lora.is_peft(self.model):
+            return lora.merged_weights(self.model, gather=self._gather if self.stage == 3 else None,
+                                       copy=self.stage == 3)
         if self.stage != 3:
             return self.model.state_dict().items()
         return self._gathered_weights()
+
+    @staticmethod
+    def _gather(tensors):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([t for t in tensors if hasattr(t, "ds_id")], modifier_rank=None)
 
     def _gathered_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed
@@ -262,7 +281,12 @@ class DeepSpeedBackend:
     def save_model(self, path: str, tokenizer=None) -> None:
         """A consolidated Hugging Face folder (safetensors) written by rank 0; every rank must call it (ZeRO-3
         gathers). Under mixed precision the weights are the 16-bit model weights (as DeepSpeed's save_16bit_model);
-        the fp32 master weights are in the checkpoint's deepspeed/ state (zero_to_fp32 reads them)."""
+        the fp32 master weights are in the checkpoint's deepspeed/ state (zero_to_fp32 reads them). LoRA: the adapter
+        folder (align/lora.py), its tensors gathered first under ZeRO-3."""
+        if lora.is_peft(self.model):
+            state = lora.gathered_trainable_state(self.model, self._gather) if self.stage == 3 else None
+            lora.save_adapter(self.model, path, tokenizer, state_dict=state, is_main=self.is_main)
+            return
         # tied weights (embeddings / LM head) are one Parameter under several names: write it once, as
         # save_pretrained does for an ordinary model, and from_pretrained ties it again
         first: dict[int, str] = {}

@@ -1,8 +1,13 @@
 """``align eval`` and ``align generate``: the training-time evaluation and engines, on any checkpoint.
 
 TARGET is a run directory (its ``config.yaml`` and ``final/`` model; for a pipeline, the last stage's), a YAML config
-(its ``model.name``), or a Hugging Face model folder (then give ``eval.prompts=...``). ``key.sub=value`` overrides
-apply to the config, e.g. ``eval.n=8 eval.temperature=1.0``.
+(its ``model.name``), or a Hugging Face model or LoRA adapter folder (then give ``eval.prompts=...``). ``key.sub=value``
+overrides apply to the config, e.g. ``eval.n=8 eval.temperature=1.0 engine.name=vllm``.
+
+Generation uses the configured engine (``engine.name``: transformers or vLLM, built as in training by
+``align/online.py``). A LoRA model (a LoRA run's final/, or an adapter folder) is evaluated as the adapted model; its
+KL reference is the same model with its adapters disabled (no second copy), unless ``--ref`` names another model.
+vLLM starts from the base model folder and receives the merged weights W + s·BA (align/lora.py), as in training.
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ def resolve(target: str, overrides: list[str]) -> Target:
         model = os.path.join(target_dir, "final")
         if not os.path.isfile(os.path.join(model, "COMPLETE")):
             raise ConfigError(f"{target_dir} has no finished model (final/); train it first or point at a model folder")
-        base = previous or (os.path.join(target_dir, "init-model") if cfg.model.name == "tiny" else cfg.model.name)
+        if previous is None:
+            from .models import materialize_model  # tiny: the run's init-model; smollm2: its converted folder
+
+            previous = materialize_model(cfg.model, target_dir, cfg.seed)
+        base = previous
         return Target(cfg, model, base, target)
     if target.endswith((".yaml", ".yml")):
         pipe = load_config(target, overrides)
@@ -50,24 +59,45 @@ def resolve(target: str, overrides: list[str]) -> Target:
 
         path = materialize_model(cfg.model, cfg.run_dir, cfg.seed)
         return Target(cfg, path, None, cfg.run_dir)
-    if os.path.isfile(os.path.join(target, "config.json")):
+    from . import lora
+
+    if os.path.isfile(os.path.join(target, "config.json")) or lora.is_adapter_dir(target):
         base = {"model": {"name": target}, "data": {"train": "unused"}}
         pipe = load_config(None, overrides, base=base)
         return Target(pipe.stages[-1].config, target, None, ".")
-    raise ConfigError(f"{target!r} is not a run directory, a YAML config or a model folder")
+    raise ConfigError(f"{target!r} is not a run directory, a YAML config, a model folder or a LoRA adapter folder")
 
 
 def _load(path: str, cfg: RunConfig, device: torch.device):
+    """(model, tokenizer); an adapter folder gives its base with the adapter on top, unmerged (align/lora.py)."""
+    from . import lora
     from .models import load_model, load_tokenizer
 
-    model = load_model(path, cfg.model, device)
+    if lora.is_adapter_dir(path):
+        model = lora.load_adapter_model(path, cfg.model, device)
+    else:
+        model = load_model(path, cfg.model, device)
     tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
     return model.eval(), tokenizer
 
 
-def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str | None = None) -> dict:
-    from rollouts.hf_engine import HFEngine
+def _engine(cfg: RunConfig, model, tokenizer, model_path: str):
+    """The engine ``engine.name`` names, as training builds it, holding ``model``'s weights, with a progress bar."""
+    from . import lora
+    from .online import build_engine
 
+    start, push = model_path, False
+    if lora.is_peft(model):  # vLLM loads the base folder, then gets the merged weights
+        start, push = lora.root_model(model_path), True
+    engine = build_engine(cfg, model, tokenizer, start)
+    engine.progress = True
+    if push and engine.copies_weights:
+        engine.load_weights(lora.merged_weights(model), version=0)
+    return engine
+
+
+def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str | None = None) -> dict:
+    from . import lora
     from .data import load_prompts
     from .evaluate import build_rewards, evaluate
     from .models import resolve_device
@@ -79,17 +109,25 @@ def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str
     device = resolve_device(cfg.backend.device)
     model, tokenizer = _load(t.model_path, cfg, device)
     prompts = load_prompts(cfg.eval.prompts, tokenizer, cfg.data, cfg.eval.limit)
-    engine = HFEngine(model, tokenizer, batch_size=cfg.engine.batch_size, progress=True)
+    rewards = build_rewards(cfg.eval.rewards)
+    engine = _engine(cfg, model, tokenizer, t.model_path)
     samples_path = os.path.join(t.out_dir, "samples", "eval-cli.jsonl")
     completions: list = []
-    metrics = evaluate(engine, prompts, cfg.eval, build_rewards(cfg.eval.rewards), seed=cfg.seed,
-                       samples_path=samples_path, completions_out=completions)
-    ref_path = ref or t.base_path
-    if ref_path and os.path.abspath(ref_path) != os.path.abspath(t.model_path):
-        ref_model, _ = _load(ref_path, cfg, device)
+    metrics = evaluate(engine, prompts, cfg.eval, rewards, seed=cfg.seed, samples_path=samples_path,
+                       completions_out=completions)
+    ref_model, ref_path = None, ref
+    if ref is None and lora.is_peft(model):
+        ref_model, ref_path = lora.AdapterDisabled(model), f"{t.model_path} (adapters disabled)"
+    else:
+        ref_path = ref or t.base_path
+        if ref_path and os.path.abspath(ref_path) != os.path.abspath(t.model_path):
+            ref_model, _ = _load(ref_path, cfg, device)
+    if ref_model is not None:
         metrics["kl_to_ref"] = mean_kl_on_samples(model, ref_model, completions, cfg.model.chunk_tokens)
-    result = {"model": t.model_path, "reference": ref_path, "prompts": cfg.eval.prompts, "n": cfg.eval.n,
-              "temperature": cfg.eval.temperature, "metrics": metrics, "samples": samples_path}
+    result = {"model": t.model_path, "reference": ref_path, "engine": cfg.engine.name, "prompts": cfg.eval.prompts,
+              "n": cfg.eval.n, "temperature": cfg.eval.temperature,
+              "rewards": [{"name": r.name, "weight": r.weight} for r in rewards], "metrics": metrics,
+              "samples": samples_path}
     out = out or os.path.join(t.out_dir, "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
@@ -127,7 +165,6 @@ def mean_kl_on_samples(model, ref_model, completions, chunk_tokens: int = 1024, 
 
 def run_generate(target: str, overrides: list[str], prompts_path: str, out: str) -> int:
     from rollouts.engine import SamplingParams
-    from rollouts.hf_engine import HFEngine
 
     from .data import load_prompts
     from .models import resolve_device
@@ -137,7 +174,7 @@ def run_generate(target: str, overrides: list[str], prompts_path: str, out: str)
     device = resolve_device(cfg.backend.device)
     model, tokenizer = _load(t.model_path, cfg, device)
     prompts = load_prompts(prompts_path, tokenizer, cfg.data, cfg.eval.limit)
-    engine = HFEngine(model, tokenizer, batch_size=cfg.engine.batch_size, progress=True)
+    engine = _engine(cfg, model, tokenizer, t.model_path)
     sampling = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
     comps = engine.generate([p.prompt_ids for p in prompts], sampling, n=cfg.eval.n)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

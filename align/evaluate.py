@@ -1,6 +1,7 @@
 """Generation-based evaluation: sample on held-out prompts, score with reward functions, report accuracy.
 
-``accuracy`` is the mean of the first reward over all samples (pass@1 for a 0/1 verifier). For 0/1 rewards with
+``accuracy`` is the mean of the first reward over all samples (pass@1 for a 0/1 verifier); ``reward`` the mean of
+the weighted sum of all reward terms, ``reward/NAME`` each term's mean. For 0/1 rewards with
 n samples per prompt, pass@k uses the unbiased estimator 1 − C(n−c, k) / C(n, k) (Chen et al. 2021).
 """
 
@@ -28,9 +29,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def score(rewards: list[RewardTerm], prompts: list[str], completions: list[str], fields: list[dict]) -> dict[str, list[float]]:
-    """Each reward's values (rollouts/scoring.py: a failing or hanging reward raises, naming the sample)."""
-    return Scorer(rewards)(prompts, completions, fields).terms
+def score(rewards: list[RewardTerm], prompts: list[str], completions: list[str], fields: list[dict]):
+    """Each reward's values and their weighted sum (rollouts/scoring.py: a failing or hanging reward raises, naming
+    the sample)."""
+    return Scorer(rewards)(prompts, completions, fields)
 
 
 def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[RewardTerm], seed: int = 0,
@@ -41,11 +43,13 @@ def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[Re
     if completions_out is not None:
         completions_out.extend(comps)
     rows = [prompts[c.prompt_index] for c in comps]
-    scores = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], [r.fields for r in rows])
+    scored = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], [r.fields for r in rows])
+    scores = scored.terms
     first = next(iter(scores))
     metrics = {"accuracy": sum(scores[first]) / len(comps)}
     for name, vals in scores.items():
         metrics[f"reward/{name}"] = sum(vals) / len(vals)
+    metrics["reward"] = sum(scored.total) / len(comps)  # mean of Σ_k weight_k · r_k
     metrics["mean_length"] = sum(len(c.token_ids) for c in comps) / len(comps)
     metrics["stopped"] = sum(c.finish_reason == "stop" for c in comps) / len(comps)
     if all(v in (0.0, 1.0) for v in scores[first]):

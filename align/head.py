@@ -145,15 +145,19 @@ def full_kl(
     *,
     chunk_tokens: int = 1024,
     n_chunks: int | None = None,
+    p_constant: bool = False,
 ) -> torch.Tensor:
     """(B, T) exact KL(P(·|c_t) ‖ Q(·|c_t)) = Σ_v P(v)[log P(v) − log Q(v)] over the whole vocabulary at ``mask``
-    positions, chunked. Gradients flow into whichever hidden states require them."""
+    positions, chunked. Gradients flow into whichever hidden states require them; ``p_constant`` evaluates P under
+    no_grad, so not even its LM head gets a gradient (a frozen reference may share that head with the policy, e.g.
+    LoRA with adapters disabled)."""
     mask, pred_mask = _pred_positions(mask)
     hp, hq = p_hidden[pred_mask], q_hidden[pred_mask]
     p_logits, q_logits = logits_fn(p_model), logits_fn(q_model)
 
     def chunk_fn(hp_chunk, hq_chunk):
-        logp = F.log_softmax(p_logits(hp_chunk), dim=-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not p_constant):
+            logp = F.log_softmax(p_logits(hp_chunk), dim=-1)
         logq = F.log_softmax(q_logits(hq_chunk), dim=-1)
         return (logp.exp() * (logp - logq)).sum(-1)
 
@@ -165,7 +169,8 @@ def ref_kl(policy, hidden: torch.Tensor, ref, ref_hidden: torch.Tensor, mask: to
            chunk_tokens: int = 1024, n_chunks: int | None = None) -> torch.Tensor:
     """(B, T) exact forward KL(π_ref(·|c_t) ‖ π_θ(·|c_t)) at ``mask`` positions (ASFT's anchor). ``ref_hidden`` is
     constant; the gradient flows through π_θ only (its logit-gradient is softmax(z_θ) − π_ref)."""
-    return full_kl(ref, ref_hidden.detach(), policy, hidden, mask, chunk_tokens=chunk_tokens, n_chunks=n_chunks)
+    return full_kl(ref, ref_hidden.detach(), policy, hidden, mask, chunk_tokens=chunk_tokens, n_chunks=n_chunks,
+                   p_constant=True)
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,

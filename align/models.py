@@ -21,9 +21,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def materialize_model(cfg: ModelConfig, run_dir: str, seed: int) -> str:
-    """The folder to load from: ``cfg.name`` itself, or for ``tiny`` a model built offline into the run directory."""
+    """The folder to load from: ``cfg.name`` itself; for ``tiny`` a model built offline into the run directory; for
+    a packaged model (``smollm2``, see ``align/prepared.py``) its cached conversion, converted on first use."""
     if cfg.name != "tiny":
-        return cfg.name
+        from .prepared import resolve_model
+
+        return resolve_model(cfg.name) or cfg.name
     from .tiny import save_tiny
 
     path = os.path.join(run_dir, "init-model")
@@ -46,8 +49,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, cfg: ModelConfig, device: torch.device):
-    """A causal LM from ``path`` in ``cfg.dtype`` on ``device``, dropout off (as TRL's disable_dropout)."""
+    """A causal LM from ``path`` in ``cfg.dtype`` on ``device``, dropout off (as TRL's disable_dropout). A LoRA adapter
+    folder (a LoRA run's checkpoint or final/) loads as its base model with the adapter merged in (align/lora.py)."""
     from transformers import AutoModelForCausalLM
+
+    from . import lora
+
+    if lora.is_adapter_dir(path):
+        return lora.load_merged(path, cfg, device)
 
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:

@@ -25,7 +25,7 @@ from .configio import ConfigError, to_dict
 log = logging.getLogger("align")
 
 # sections whose change makes an already started stage a different run (eval / log / engine may change freely)
-_TRAINING_KEYS = ("seed", "model", "data", "loss", "train", "reference")
+_TRAINING_KEYS = ("seed", "model", "data", "loss", "train", "reference", "peft")
 
 
 def stage_dirs(pipe: Pipeline) -> list[str]:

@@ -119,7 +119,7 @@ def _hash_file(h, path: str) -> None:
 
 def weights_fingerprint(path: str) -> str | None:
     """A hash of a model folder's config and weight files (None when ``path`` is neither a folder nor a cached hub
-    snapshot). Files ≤ 64 MiB are hashed in full; larger ones by size, header and 32 evenly spaced 1 MiB blocks —
+    snapshot); for a LoRA adapter folder also its adapter config and its base model's fingerprint. Files ≤ 64 MiB are hashed in full; larger ones by size, header and 32 evenly spaced 1 MiB blocks —
     training changes every tensor, so any fine-tuned copy differs in every block."""
     folder = path if os.path.isdir(path) else None
     if folder is None:
@@ -135,6 +135,14 @@ def weights_fingerprint(path: str) -> str | None:
     h = hashlib.sha256()
     for f in files:
         _hash_file(h, f)
+    from .lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir
+
+    if is_adapter_dir(folder):  # a LoRA adapter (a LoRA stage's final/): the model is its base + this adapter
+        _hash_file(h, os.path.join(folder, ADAPTER_CONFIG))
+        base = weights_fingerprint(adapter_base(folder))
+        if base is None:
+            return None
+        h.update(f"base:{base}".encode())
     return h.hexdigest()
 
 

@@ -32,7 +32,7 @@ from losses import Batch, LossContext
 from rollouts.sources import DatasetSource
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, lora
 from .backend import build_backend
 from .collate import collate, plan_micro_batches
 from .config import RunConfig, build_loss
@@ -126,7 +126,7 @@ class Trainer:
         if self.finished:  # a finished run: its final weights, nothing left to train
             weights, self.resume_from = finished["final_model"], None
             self.summary, self.step = finished, self.total_steps
-        self.model = load_model(weights, cfg.model, self.device)
+        self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
@@ -142,19 +142,24 @@ class Trainer:
             # the frozen initial policy; from the base weights when resuming or finished (and under ZeRO-3, whose
             # policy is already sharded: the reference loads into its own shards)
             fresh = self.resume_from or self.step or self.dist.zero3
-            self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
-            self.ref_model.eval().requires_grad_(False)
-            self.ref_model = self.backend.prepare_reference(self.ref_model)
+            self.ref_model = lora.reference_view(self.model)  # LoRA: the policy with its adapters off, no copy
+            if self.ref_model is None:
+                self.ref_model = load_model(base, cfg.model, self.device) if fresh else copy.deepcopy(self.model)
+                self.ref_model.eval().requires_grad_(False)
+                self.ref_model = self.backend.prepare_reference(self.ref_model)
 
         self.engine = self.engine_sync = None
         self.evaluates = self.eval_prompts is not None or self.eval_pairs is not None
         if self.eval_prompts is not None or cfg.rollout is not None:
             from .online import EngineSync, build_engine, build_rollout_source, checkpoint_step
 
-            self.engine = build_engine(cfg, self.model, self.tokenizer, weights, checkpoint_step(self.resume_from))
+            start, push = lora.engine_start(weights, base) if cfg.peft is not None else (weights, False)
+            self.engine = build_engine(cfg, self.model, self.tokenizer, start, checkpoint_step(self.resume_from))
             self.engine_sync = EngineSync(self.engine, self.backend.named_weights,
                                           sync_every=cfg.rollout.sync_every if cfg.rollout else 1,
                                           sleep=cfg.engine.name == "vllm" and cfg.engine.sleep)
+            if push and self.engine.copies_weights:  # LoRA: the engine started from the base; give it the policy
+                self.engine_sync.push(self.engine.weight_version)
             if cfg.rollout is not None:
                 self.source = build_rollout_source(cfg, examples, self.engine, self.run_dir, self.experience_size,
                                                    rank=self.dist.rank, world_size=self.dist.world_size)
@@ -170,7 +175,9 @@ class Trainer:
         t = self.cfg.train
         if t.steps is not None:
             return t.steps
-        steps_per_epoch = math.ceil(n_examples / t.batch_size)
+        # each experience batch of batch_size × loss.minibatches examples gives minibatches × loss.epochs steps
+        experience_batches = math.ceil(n_examples / (t.batch_size * self.loss.minibatches))
+        steps_per_epoch = experience_batches * self.loss.minibatches * self.loss.epochs
         return max(1, math.ceil(steps_per_epoch * t.epochs))
 
     # ------------------------------------------------------------------------------------------------- state
@@ -284,6 +291,9 @@ class Trainer:
             all_agree=lambda hit: self.backend.all_reduce_sum([float(hit)])[0] == self.dist.world_size)
 
     def _reference_for_precompute(self):
+        view = lora.reference_view(self.model)  # LoRA: the base is the policy with its adapters off
+        if view is not None:
+            return view
         if self.step == 0 and not self.resume_from:
             return self.model  # before the first step the policy is the reference
         if self._precompute_model is None:
@@ -378,7 +388,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self, max_steps: int | None = None) -> dict:
-        """Train to ``train.steps`` (or ``max_steps`` more optimizer steps, for tests and graceful stops)."""
+        """Train to ``train.steps``, or stop after ``max_steps`` more optimizer steps, rounded up to the end of the
+        experience batch in progress (losses with ``minibatches`` > 1 take several steps per batch)."""
         self.setup()
         cfg = self.cfg
         if self.finished:
@@ -416,7 +427,9 @@ class Trainer:
                         random.Random(f"{cfg.seed}-{self.step}-{epoch}").shuffle(order)
                     parts = np.array_split(np.array(order), self.loss.minibatches)
                     for part in parts:
-                        if self.step >= stop_at or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
+                        # an experience batch is finished before stopping early (max_steps, signals): checkpoints
+                        # sit at experience boundaries, so a resume never skips the rest of a batch
+                        if self.step >= self.total_steps or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
                             break
                         t_update = time.time()
                         metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}

@@ -8,7 +8,7 @@ from .batch import Batch
 from .reduce import AGGREGATIONS, aggregate, masked_mean
 from .registry import get_loss_class, register, registered
 
-from . import dpo, pg, simpo, sft  # noqa: F401  (registers built-in losses)
+from . import asft, dpo, pg, psft, simpo, sft  # noqa: F401  (registers built-in losses)
 
 __all__ = [
     "AGGREGATIONS", "NEEDS", "Batch", "Loss", "LossContext", "OptionError", "aggregate", "check",

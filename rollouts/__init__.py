@@ -9,6 +9,7 @@ from .engine_state import EngineError, EngineState, EngineStateError
 from .rewards import load_reward, registered_rewards, reward
 from .rollout_source import PromptItem, RolloutSource
 from .scoring import RewardError, RewardTerm, Scorer
+from . import reasoning_gym_reward  # noqa: F401  (registers `reasoning_gym`; imports reasoning-gym only when used)
 from .sources import DatasetSource
 from .types import Example, Sample
 

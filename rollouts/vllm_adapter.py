@@ -135,13 +135,14 @@ def sampling_params(*, n: int, temperature: float, top_p: float, top_k: int, max
         raise _api_error("vllm.SamplingParams", e) from None
 
 
-def generate(llm: Any, prompts: list[list[int]], params: list[Any]) -> list[list[tuple]]:
-    """For each prompt, its completions as ``(token_ids, logprobs, finish_reason, weight_version | None)``."""
+def generate(llm: Any, prompts: list[list[int]], params: list[Any], progress: bool = False) -> list[list[tuple]]:
+    """For each prompt, its completions as ``(token_ids, logprobs, finish_reason, weight_version | None)``;
+    ``progress``: vLLM's own progress bar."""
     import_vllm()
     from vllm.inputs import TokensPrompt
 
     requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-    outputs = _require(llm, "generate", "LLM.generate")(requests, params, use_tqdm=False)
+    outputs = _require(llm, "generate", "LLM.generate")(requests, params, use_tqdm=progress)
     result = []
     for out in outputs:
         comps = []

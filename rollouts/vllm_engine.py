@@ -78,6 +78,7 @@ class VLLMEngine:
         self.eos_ids = sorted(_eos_ids(tokenizer, model))
         self.pushes = 0
         self.last_push: dict[str, float] = {}
+        self.progress = False  # show vLLM's progress bar while generating (align eval / generate)
 
     # -------------------------------------------------------------------------------------------------- state
     @property
@@ -131,7 +132,7 @@ class VLLMEngine:
                                      max_tokens=sampling.max_new_tokens, seed=_seed_for(sampling.seed, i, n),
                                      stop_token_ids=self.eos_ids)
                   for i in range(len(prompts))]
-        raw = vx.generate(self.llm, prompts, params)
+        raw = vx.generate(self.llm, prompts, params, progress=self.progress)
         out = []
         for i, comps in enumerate(raw):
             for tokens, lps, reason, stamp in comps:

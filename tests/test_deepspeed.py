@@ -257,6 +257,11 @@ def jobs_for(root):
         "bf16-z3": base_config(root, "bf16-z3", stage=3, backend={"precision": "bf16"}),
         "offload-z3": base_config(root, "offload-z3", stage=3, json_path=ZERO3_OFFLOAD,
                                   backend={"offload_optimizer": True, "offload_params": True, "cpu_adam": False}),
+        # LoRA (align/lora.py): only the adapters in the optimizer; DPO's reference = the policy with adapters off,
+        # precomputed through the policy's own ZeRO-3 engine
+        "lora-z2": base_config(root, "lora-z2", stage=2, peft=LORA),
+        "lora-dpo-z3": with_pairs(root, base_config(root, "lora-dpo-z3", stage=3, steps=4, peft=LORA,
+                                                    loss={"name": "dpo", "beta": 0.5})),
     }
     jobs = [{"name": k, "config": v} for k, v in specs.items()]
     for job in jobs:
@@ -264,12 +269,22 @@ def jobs_for(root):
             job["memory"] = os.path.join(root, f"memory-{job['name']}.json")
         if job["name"] == "sft-z3":
             job["dump_weights"] = os.path.join(root, "weights-z3.pt")
+        if job["name"] == "lora-dpo-z3":  # the merged W + s·BA stream, gathered module by module
+            job["dump_weights"] = os.path.join(root, "weights-lora-z3.pt")
         if job["name"] == "refkl-z3":
             job["reference_pass"] = os.path.join(root, "reference-pass")
     # the first half of a ZeRO-3 run; a second torchrun resumes it (test_zero3_resume_continues_identically)
     resume = base_config(root, "resume-z3", stage=3, eval=eval_cfg, train={"save_every": 3})
     jobs.append({"name": "resume-z3-first-half", "config": resume, "max_steps": 3})
+    jobs.append({"name": "lora-resume-z2-first-half", "config": lora_resume_config(root), "max_steps": 3})
     return jobs, specs, resume
+
+
+LORA = {"r": 4, "alpha": 8}
+
+
+def lora_resume_config(root):
+    return base_config(root, "lora-resume-z2", stage=2, peft=LORA, train={"save_every": 3})
 
 
 @pytest.fixture(scope="module")
@@ -563,3 +578,66 @@ def test_cli_under_the_deepspeed_launcher(tmp_path):
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert os.path.isfile(run_dir / "final" / "model.safetensors")
     assert json.load(open(run_dir / "summary.json"))["steps"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora-z2", "lora-dpo-z3"])
+def test_lora_under_zero_matches_one_process(zero_runs, torch_runs, name):
+    """LoRA at ZeRO-2 (sft) and ZeRO-3 (dpo, reference = disabled adapters, precomputed collectively): the trajectory
+    and the saved adapter of one process."""
+    from safetensors.torch import load_file
+
+    root, specs, _ = zero_runs
+    run = specs[name]["run_dir"]
+    a, _ = assert_same_trajectory(run, torch_runs[name])
+    if name.startswith("lora-dpo"):
+        assert a[0]["loss"] == pytest.approx(0.6931472, abs=1e-6) and a[-1]["loss"] < a[0]["loss"]
+    ours = load_file(os.path.join(run, "final", "adapter_model.safetensors"))
+    ref = load_file(os.path.join(torch_runs[name], "final", "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(ref) and ours
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-4)
+    assert not os.path.exists(os.path.join(run, "final", "model.safetensors"))  # the adapter only
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lora_merged_weights_under_zero3(zero_runs):
+    """backend.named_weights() of a LoRA policy under ZeRO-3 (what a vLLM push receives): the base model's names, each
+    W + s·BA equal to peft's merge of the saved adapter."""
+    from align.config import ModelConfig
+    from align.models import load_model
+
+    root, specs, _ = zero_runs
+    run = specs["lora-dpo-z3"]["run_dir"]
+    ours = torch.load(os.path.join(root, "weights-lora-z3.pt"))["named_weights"]
+    merged = load_model(os.path.join(run, "final"), ModelConfig(), torch.device("cpu")).state_dict()
+    base = load_model(os.path.join(run, "init-model"), ModelConfig(), torch.device("cpu")).state_dict()
+    assert sorted(ours) == sorted(base)
+    for k, v in merged.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=1e-6)
+    assert any(not torch.equal(ours[k], base[k]) for k in base)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lora_resume_under_zero2(zero_runs):
+    """A LoRA ZeRO-2 run stopped at step 3 (checkpoint: the adapter folder + DeepSpeed state without the frozen base)
+    and resumed in new processes ends with the uninterrupted run's losses and adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    root, specs, _ = zero_runs
+    cfg = lora_resume_config(root)
+    from align.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(cfg["run_dir"])
+    assert ckpt.endswith("step-00000003") and os.path.isfile(os.path.join(ckpt, "model", "adapter_model.safetensors"))
+    torchrun([{"name": "lora-resume-z2-second-half", "config": cfg}], root)
+    straight, resumed = metrics(specs["lora-z2"]["run_dir"]), metrics(cfg["run_dir"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    a = load_file(os.path.join(cfg["run_dir"], "final", "adapter_model.safetensors"))
+    b = load_file(os.path.join(specs["lora-z2"]["run_dir"], "final", "adapter_model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -212,6 +212,22 @@ def test_example_sft_then_dpo_runs(tmp_path, monkeypatch):
     assert "[dpo] pref_accuracy" in table and "[sft] accuracy" in table
 
 
+def test_example_sft_then_dpo_lora_runs(tmp_path, monkeypatch):
+    """examples/sft_then_dpo_lora.yaml, shrunk: the DPO stage trains LoRA adapters on sft/final (its reference)."""
+    from align import lora
+
+    monkeypatch.chdir(REPO)
+    small = ["model.tiny.hidden_size=64", "model.tiny.num_heads=1", "model.tiny.num_layers=1",
+             "model.tiny.intermediate_size=128", "data.limit=32", "eval.limit=6", "eval.pairs_limit=6",
+             "stages.0.train.steps=2", "stages.1.train.steps=2", "log.progress=false", "log.plots=false",
+             "log.tensorboard=false", f"run_dir={tmp_path / 'run'}"]
+    pipe = load_config("examples/sft_then_dpo_lora.yaml", small)
+    assert [s.config.peft is not None for s in pipe.stages] == [False, True]
+    results = pipeline.run(pipe)
+    assert results["dpo"]["before"]["pref_accuracy"] == 0.0  # the disabled adapters are the reference
+    assert lora.is_adapter_dir(results["dpo"]["final_model"]) and not lora.is_adapter_dir(results["sft"]["final_model"])
+
+
 def test_held_out_pairs_match_the_test_questions():
     """align.tasks.arithmetic's test_pairs.jsonl: the held-out questions, chosen = the answer, rejected ≠ it."""
     rows = [json.loads(l) for l in open(os.path.join(REPO, "examples", "data", "arith", "test_pairs.jsonl"))]

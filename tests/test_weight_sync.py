@@ -122,7 +122,7 @@ def fake_engine(monkeypatch, tiny_dir, tokenizer):
             raise RuntimeError("kernel exploded")
         llm_.loaded.append([n for n, _ in weights])
 
-    def generate(llm_, prompts, params):
+    def generate(llm_, prompts, params, progress=False):
         return [[([5, 6, 2], [-0.1, -0.2, -0.3], "stop", llm_.version)] * p.n for p in params]
 
     class Params:
