@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, workload  # noqa: E402
-from benchmarks.common import alternate, append_row, command, median, wait_quiet  # noqa: E402
+from benchmarks.common import alternate, median, record, wait_quiet  # noqa: E402
 
 
 def align_run(args, model_path: str, data_path: str, root: str, pairs: list[int]) -> dict:
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                   f"Pairs/s, median of {args.repeats} alternating runs ({runs}): align {a:.2f}, TRL {t:.2f}: "
                   f"**{ratio:.2f}×**")
         loads = [r["load"] for v in results.values() for r in v]
-        print("appended to", append_row(command("dpo_throughput.py", argv), result, args.note, loads))
+        record("dpo_throughput.py", argv, result, args.note, loads)
     return 0
 
 

@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import REPO, append_row, command, load_average  # noqa: E402
+from benchmarks.common import REPO, record  # noqa: E402
 
 
 def _rss_kib(field: str) -> int:
@@ -164,8 +164,7 @@ def main(argv=None) -> int:
                           f"**{ratio:.2f}×**" for v, c, r, ratio in rows)
         result = (f"{settings}; loss and gradients equal to 1e-4. naive: {naive['peak_mib']:.0f} MiB, "
                   f"{naive['seconds']:.1f} s; {parts}")
-        path = append_row(command("loss_head_memory.py", argv), result, args.note, [load_average()])
-        print(f"appended to {path}")
+        record("loss_head_memory.py", argv, result, args.note)
     return 0
 
 

@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, workload  # noqa: E402
-from benchmarks.common import alternate, append_row, command, median, wait_quiet  # noqa: E402
+from benchmarks.common import alternate, median, record, wait_quiet  # noqa: E402
 
 PARTS = ("generation", "scoring", "update")
 
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         result = (f"{settings}. {check.summary()} on align's first experience batch. Seconds per optimizer step, "
                   f"median of {args.repeats} alternating runs ({runs}): {parts}: align **{ratio:.2f}× faster**")
         loads = [r["load"] for v in results.values() for r in v]
-        print("appended to", append_row(command("rl_step.py", argv), result, args.note, loads))
+        record("rl_step.py", argv, result, args.note, loads)
     return 0
 
 

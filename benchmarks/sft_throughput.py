@@ -34,7 +34,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, workload  # noqa: E402
-from benchmarks.common import alternate, append_row, command, median, wait_quiet  # noqa: E402
+from benchmarks.common import alternate, median, record, wait_quiet  # noqa: E402
 
 
 def align_run(args, model_path: str, data_path: str, root: str, tokens: list[int]) -> dict:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         result = (f"{settings}. {check.summary()}. Trained (non-padding) tokens/s, "
                   f"median of {args.repeats} alternating runs ({runs}): align {a:.0f}, TRL {t:.0f}: **{ratio:.2f}×**")
         loads = [r["load"] for v in results.values() for r in v]
-        print("appended to", append_row(command("sft_throughput.py", argv), result, args.note, loads))
+        record("sft_throughput.py", argv, result, args.note, loads)
     return 0
 
 
