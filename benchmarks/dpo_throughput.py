@@ -1,11 +1,13 @@
 """DPO throughput: align ``dpo`` vs TRL ``DPOTrainer``, both with precomputed reference log-probs, in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/dpo_throughput.py                    # CPU: 37M-param Llama, vocab 32,768
+    OMP_NUM_THREADS=1 python benchmarks/dpo_throughput.py --model smollm2 --prompt-median 24 --completion-median 32
     python benchmarks/dpo_throughput.py --hidden 1024 --layers 16 --batch 8 --steps 20   # a GPU
 
 Model and data as in ``sft_throughput.py`` (``benchmarks/workload.py``): a random Llama with a word-level vocabulary
 and plain-text prompt/chosen/rejected rows of log-normal lengths, tokenized to the same ids by both libraries
-(checked). Both run sigmoid DPO (β = 0.1) with the reference log-probs computed in one pass before training (align
+(checked); ``--model smollm2``: SmolLM2-135M-Instruct (``align/prepared.py``) and its own tokenizer. Both run
+sigmoid DPO (β = 0.1) with the reference log-probs computed in one pass before training (align
 ``reference.precompute``, TRL ``precompute_ref_log_probs=True``), AdamW at a constant learning rate, clipping 1.0,
 ``--batch`` pairs per micro-batch and ``--grad-accum`` micro-batches per optimizer step, fp32 on CPU.
 
@@ -21,7 +23,6 @@ medians are compared. Appends a row to benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -30,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, workload  # noqa: E402
-from benchmarks.common import alternate, median, record, wait_quiet  # noqa: E402
+from benchmarks.common import median, record, setup_model, side_by_side_parser  # noqa: E402
 
 
 def align_run(args, model_path: str, data_path: str, root: str, pairs: list[int]) -> dict:
@@ -107,32 +108,11 @@ def check_same_ids(examples, trl_dataset) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--prompt-median", type=float, default=64)
-    p.add_argument("--completion-median", type=float, default=96)
-    p.add_argument("--batch", type=int, default=2, help="pairs per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    p = side_by_side_parser(__doc__, steps=5, lr=1e-6, batch=2, batch_help="pairs per micro-batch",
+                            text_rows=True)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-load", type=float, default=0.0, help="wait until the 1-min load average stays below this "
-                   "for a minute before measuring (0: do not wait)")
-    p.add_argument("--note", default="")
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
 
-    import tempfile
-
-    import datasets
     import torch
     import transformers
     import trl
@@ -141,13 +121,7 @@ def main(argv=None) -> int:
     from align.data import load_examples
     from align.models import load_tokenizer
 
-    datasets.disable_progress_bars()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
-    root = tempfile.mkdtemp(prefix="dpo-bench-")
-    model_path = os.path.join(root, "model")
-    n_params = workload.save_model(model_path, vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                                   intermediate=args.intermediate, max_positions=max(2048, args.max_length),
-                                   seed=args.seed)
+    root, model_path, shape = setup_model(args, "dpo-bench-", max(2048, args.max_length))
     per_step = args.batch * args.grad_accum
     n_rows = (args.warmup + args.steps) * per_step
     rows = workload.preference_rows(n_rows, args.vocab, args.max_length, args.seed, args.prompt_median,
@@ -157,28 +131,20 @@ def main(argv=None) -> int:
     examples, _, _ = load_examples(data_path, load_tokenizer(model_path), DataConfig(max_length=args.max_length),
                                    progress=False)
     tokens = sum(len(s.input_ids) for e in examples for s in e.samples)
-    settings = (f"{n_params / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab "
-                f"{args.vocab}), {args.dtype}, sigmoid DPO β={args.beta}, precomputed reference log-probs, {n_rows} "
+    settings = (f"{shape}, {args.dtype}, sigmoid DPO β={args.beta}, precomputed reference log-probs, {n_rows} "
                 f"pairs (log-normal lengths, median prompt {args.prompt_median:.0f} / completion "
-                f"{args.completion_median:.0f} tokens; {tokens / n_rows:.0f} tokens per pair), micro-batch {args.batch} "
-                f"pairs × grad-accum {args.grad_accum}, {args.warmup} warm-up + {args.steps} timed steps per run, "
+                f"{args.completion_median:.0f} words; {tokens / n_rows:.0f} tokens per pair, max_length "
+                f"{args.max_length}), micro-batch {args.batch} pairs × grad-accum {args.grad_accum}, {args.warmup} "
+                f"warm-up + {args.steps} timed steps per run, "
                 f"{torch.get_num_threads()} torch thread(s); TRL {trl.__version__} (transformers "
                 f"{transformers.__version__}), sequential sampler over the shared order, sdpa")
     print(settings, flush=True)
 
     pairs = [float(per_step)] * (args.warmup + args.steps)
-    check = harness.AgreementCheck()
-    first_trl = [True]
-
-    def trl_side():
-        ids_check = (lambda ds: check_same_ids(examples, ds)) if first_trl and first_trl.pop() else None
-        return trl_run(args, model_path, rows, root, pairs, ids_check)
-
-    sides = {"align": check.wrap("align", lambda: align_run(args, model_path, data_path, root, pairs)),
-             "TRL": check.wrap("TRL", trl_side)}
-    load = wait_quiet(args.max_load)
-    print(f"load average {load:.2f}; running {args.repeats} alternating runs per side", flush=True)
-    results = alternate(sides, args.repeats)
+    check, results = harness.run_sides(
+        args, lambda: align_run(args, model_path, data_path, root, pairs),
+        lambda first: trl_run(args, model_path, rows, root, pairs,
+                              (lambda ds: check_same_ids(examples, ds)) if first else None))
     print(check.summary())
     a, t = median(results["align"]), median(results["TRL"])
     pa, pt = results["align"][0]["precompute_s"], results["TRL"][0]["precompute_s"]
@@ -187,12 +153,11 @@ def main(argv=None) -> int:
     print(f"align: {a:.2f} pairs/s, TRL: {t:.2f} pairs/s (medians of {args.repeats}); ratio align / TRL: {ratio:.2f}x",
           flush=True)
     if not args.no_record:
-        runs = "; ".join(f"{k} " + " / ".join(f"{r['value']:.2f}" for r in v) for k, v in results.items())
         result = (f"{settings}. {check.summary()}. Reference pass (not counted): align {pa:.1f} s, TRL {pt:.1f} s. "
-                  f"Pairs/s, median of {args.repeats} alternating runs ({runs}): align {a:.2f}, TRL {t:.2f}: "
+                  f"Pairs/s, median of {args.repeats} alternating runs ({harness.runs_text(results, 2)}): align "
+                  f"{a:.2f}, TRL {t:.2f}: "
                   f"**{ratio:.2f}×**")
-        loads = [r["load"] for v in results.values() for r in v]
-        record("dpo_throughput.py", argv, result, args.note, loads)
+        record("dpo_throughput.py", argv, result, args.note, results)
     return 0
 
 

@@ -130,3 +130,26 @@ class AgreementCheck:
 
 def tmpdir(root: str, prefix: str) -> str:
     return tempfile.mkdtemp(dir=root, prefix=prefix)
+
+
+def run_sides(args, align_side, trl_side, check: AgreementCheck | None = None) -> tuple[AgreementCheck, dict]:
+    """Both sides, agreement-checked on their first runs, alternated ``args.repeats`` times once the load allows
+    (``--max-load``). ``trl_side(first)`` gets ``first=True`` on its first run only (for checks of TRL's dataset).
+    Returns (the check, {side: [result, ...]})."""
+    from benchmarks.common import alternate, wait_quiet
+
+    check = check or AgreementCheck()
+    first = [True]
+
+    def trl():
+        return trl_side(bool(first and first.pop()))
+
+    sides = {"align": check.wrap("align", align_side), "TRL": check.wrap("TRL", trl)}
+    load = wait_quiet(args.max_load)
+    print(f"load average {load:.2f}; running {args.repeats} alternating runs per side", flush=True)
+    return check, alternate(sides, args.repeats)
+
+
+def runs_text(results: dict, digits: int) -> str:
+    """'align 251 / 248 / 260; TRL 91 / 90 / 93': every run's figure, per side."""
+    return "; ".join(f"{k} " + " / ".join(f"{r['value']:.{digits}f}" for r in v) for k, v in results.items())

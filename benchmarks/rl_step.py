@@ -26,7 +26,6 @@ Sides alternate for ``--repeats`` runs; medians are compared. Appends a row to b
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, workload  # noqa: E402
-from benchmarks.common import alternate, median, record, wait_quiet  # noqa: E402
+from benchmarks.common import median, record, setup_model, side_by_side_parser  # noqa: E402
 
 PARTS = ("generation", "scoring", "update")
 
@@ -182,11 +181,7 @@ def _split(marks: list[dict], warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--intermediate", type=int, default=1536)
+    p = side_by_side_parser(__doc__, steps=3, lr=1e-6)
     p.add_argument("--engine", choices=("hf", "vllm"), default=None, help="default: vllm on a GPU, hf on CPU")
     p.add_argument("--prompts", type=int, default=4, help="prompts per optimizer step")
     p.add_argument("--n", type=int, default=4, help="completions per prompt (group size)")
@@ -195,42 +190,23 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-load", type=float, default=0.0, help="wait until the 1-min load average stays below this "
-                   "for a minute before measuring (0: do not wait)")
-    p.add_argument("--note", default="")
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     if (args.prompts * args.n) % args.grad_accum:
         p.error("--prompts × --n must be a multiple of --grad-accum")
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1")
 
-    import tempfile
-
-    import datasets
     import torch
     import transformers
     import trl
 
-    datasets.disable_progress_bars()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     args.engine = args.engine or ("vllm" if torch.cuda.is_available() else "hf")
-    root = tempfile.mkdtemp(prefix="rl-bench-")
-    model_path = os.path.join(root, "model")
-    n_params = workload.save_model(model_path, vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                                   intermediate=args.intermediate, seed=args.seed)
+    root, model_path, shape = setup_model(args, "rl-bench-")
     n_prompts = (args.warmup + args.steps) * args.prompts
     rows = workload.prompt_rows(n_prompts, args.vocab, args.seed, args.prompt_median, high=args.max_prompt)
     prompts_path = workload.write_jsonl(os.path.join(root, "prompts.jsonl"), rows)
     engine = {"hf": "transformers generate", "vllm": "vLLM (colocated)"}[args.engine]
-    settings = (f"{n_params / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab "
-                f"{args.vocab}), {args.dtype}, GRPO (β={args.beta}, clip 0.2), {args.prompts} prompts × n={args.n} "
+    settings = (f"{shape}, {args.dtype}, GRPO (β={args.beta}, clip 0.2), {args.prompts} prompts × n={args.n} "
                 f"per step (prompt median {args.prompt_median:.0f} tokens), max_new_tokens {args.max_new_tokens}, "
                 f"temperature 1, {engine} on both sides, grad-accum {args.grad_accum}, {args.warmup} warm-up + "
                 f"{args.steps} timed steps per run, {torch.get_num_threads()} torch thread(s); TRL {trl.__version__} "
@@ -246,11 +222,8 @@ def main(argv=None) -> int:
     check.wrap("TRL", lambda: first_trl)()
     print(check.summary() + " on align's first experience batch", flush=True)
 
-    sides = {"align": lambda: align_run(args, model_path, prompts_path, root),
-             "TRL": lambda: trl_run(args, model_path, rows, root)}
-    load = wait_quiet(args.max_load)
-    print(f"load average {load:.2f}; running {args.repeats} alternating runs per side", flush=True)
-    results = alternate(sides, args.repeats)
+    _, results = harness.run_sides(args, lambda: align_run(args, model_path, prompts_path, root),
+                                   lambda first: trl_run(args, model_path, rows, root), check)
     med = {side: {k: median(v, k) for k in ("value", *PARTS, "length")} for side, v in results.items()}
     ratio = med["TRL"]["value"] / med["align"]["value"]
     for side, m in med.items():
@@ -260,11 +233,10 @@ def main(argv=None) -> int:
     if not args.no_record:
         parts = "; ".join(f"{side} {m['value']:.2f} s (generation {m['generation']:.2f} / scoring {m['scoring']:.2f} / "
                           f"update {m['update']:.2f}, completions {m['length']:.0f} tokens)" for side, m in med.items())
-        runs = "; ".join(f"{k} " + " / ".join(f"{r['value']:.2f}" for r in v) for k, v in results.items())
         result = (f"{settings}. {check.summary()} on align's first experience batch. Seconds per optimizer step, "
-                  f"median of {args.repeats} alternating runs ({runs}): {parts}: align **{ratio:.2f}× faster**")
-        loads = [r["load"] for v in results.values() for r in v]
-        record("rl_step.py", argv, result, args.note, loads)
+                  f"median of {args.repeats} alternating runs ({harness.runs_text(results, 2)}): {parts}: align "
+                  f"**{ratio:.2f}× faster**")
+        record("rl_step.py", argv, result, args.note, results)
     return 0
 
 

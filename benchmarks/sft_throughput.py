@@ -1,13 +1,16 @@
 """SFT throughput: align ``sft`` vs TRL ``SFTTrainer``, same model, data, batches and precision, in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/sft_throughput.py                    # CPU: 37M-param Llama, vocab 32,768
+    OMP_NUM_THREADS=1 python benchmarks/sft_throughput.py --model smollm2 --prompt-median 24 --completion-median 32
     python benchmarks/sft_throughput.py --hidden 1024 --layers 16 --batch 8 --steps 20   # a GPU
 
 The model is a random Llama (head_dim 64, tied embeddings) with a word-level vocabulary of ``--vocab`` tokens, and the
 data are plain-text prompt/completion rows of log-normal lengths (``benchmarks/workload.py``), so both libraries
-tokenize the same text to the same ids (checked). Both train the completion tokens with the token-mean NLL, AdamW,
-constant learning rate, gradient clipping 1.0, ``--batch`` sequences per micro-batch and ``--grad-accum``
-micro-batches per optimizer step, in fp32 on CPU (bf16 autocast on a GPU, ``--dtype``).
+tokenize the same text to the same ids (checked). ``--model smollm2`` trains SmolLM2-135M-Instruct
+(``align/prepared.py``) instead, on the same words through its own BPE tokenizer (several tokens per word). Both
+train the completion tokens with the token-mean NLL, AdamW, constant learning rate, gradient clipping 1.0,
+``--batch`` sequences per micro-batch and ``--grad-accum`` micro-batches per optimizer step, in fp32 on CPU (bf16
+autocast on a GPU, ``--dtype``).
 
 Same examples in the same optimizer steps: the rows are shuffled once here; align reads them in file order
 (``data.shuffle: false``) and TRL's sampler takes them in the same order. How each side cuts an optimizer batch into
@@ -25,16 +28,14 @@ The sides alternate for ``--repeats`` runs; medians are compared. Appends a row 
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, workload  # noqa: E402
-from benchmarks.common import alternate, median, record, wait_quiet  # noqa: E402
+from benchmarks.common import median, record, setup_model, side_by_side_parser  # noqa: E402
 
 
 def align_run(args, model_path: str, data_path: str, root: str, tokens: list[int]) -> dict:
@@ -100,61 +101,21 @@ def check_same_ids(examples, trl_dataset) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--model", default=None, help="an existing model folder instead of the random Llama (its "
-                   "tokenizer must map the workload's words: use with --vocab matching a word-level tokenizer)")
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--prompt-median", type=float, default=64)
-    p.add_argument("--completion-median", type=float, default=96)
-    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    p.add_argument("--warmup", type=int, default=1, help="optimizer steps before timing")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
-    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--dtype", default="float32")
+    p = side_by_side_parser(__doc__, steps=5, lr=1e-5, batch=4, batch_help="sequences per micro-batch",
+                            text_rows=True)
     p.add_argument("--trl-sampling", choices=("batch_rebalance", "sequential"), default="batch_rebalance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-load", type=float, default=0.0, help="wait until the 1-min load average stays below this "
-                   "for a minute before measuring (0: do not wait)")
-    p.add_argument("--note", default="")
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
 
-    import datasets
     import torch
     import transformers
     import trl
 
-    datasets.disable_progress_bars()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
-    root = tempfile.mkdtemp(prefix="sft-bench-")
-    model_path = args.model or os.path.join(root, "model")
-    if args.model is None:
-        n_params = workload.save_model(model_path, vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                                       intermediate=args.intermediate, max_positions=max(2048, args.max_length),
-                                       seed=args.seed)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        n_params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(model_path).parameters())
+    root, model_path, shape = setup_model(args, "sft-bench-", max(2048, args.max_length))
     n_rows = (args.warmup + args.steps) * args.batch * args.grad_accum
     rows = workload.prompt_completion_rows(n_rows, args.vocab, args.max_length, args.seed, args.prompt_median,
                                            args.completion_median)
     random.Random(args.seed).shuffle(rows)  # the one order both sides read
     data_path = workload.write_jsonl(os.path.join(root, "train.jsonl"), rows)
-    shape = (f"{n_params / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab "
-             f"{args.vocab})" if args.model is None else f"{args.model} ({n_params / 1e6:.1f}M params)")
-    settings = (f"{shape}, {args.dtype}, {n_rows} prompt/completion rows (log-normal lengths, median prompt "
-                f"{args.prompt_median:.0f} / completion {args.completion_median:.0f} tokens, max_length "
-                f"{args.max_length}), micro-batch {args.batch} × grad-accum {args.grad_accum}, {args.warmup} warm-up + "
-                f"{args.steps} timed steps per run, {torch.get_num_threads()} torch thread(s); TRL {trl.__version__} "
-                f"(transformers {transformers.__version__}) train_sampling_strategy={args.trl_sampling}, sdpa")
-    print(settings, flush=True)
 
     from align.config import DataConfig
     from align.data import load_examples
@@ -165,20 +126,19 @@ def main(argv=None) -> int:
     per_step = args.batch * args.grad_accum
     tokens = [sum(len(e.samples[0].input_ids) for e in examples[k * per_step : (k + 1) * per_step])
               for k in range(args.warmup + args.steps)]  # non-padding tokens of each optimizer step, both sides
+    settings = (f"{shape}, {args.dtype}, {n_rows} prompt/completion rows (log-normal lengths, median prompt "
+                f"{args.prompt_median:.0f} / completion {args.completion_median:.0f} words; {sum(tokens) / n_rows:.0f} "
+                f"tokens per row, max_length {args.max_length}), micro-batch {args.batch} × grad-accum {args.grad_accum}, "
+                f"{args.warmup} warm-up + {args.steps} timed steps per run, {torch.get_num_threads()} torch thread(s); "
+                f"TRL {trl.__version__} (transformers {transformers.__version__}) "
+                f"train_sampling_strategy={args.trl_sampling}, sdpa")
+    print(settings, flush=True)
 
     # before timing: the same ids (first TRL run), then the same first-step loss (first run of each side)
-    check = harness.AgreementCheck()
-    first_trl = [True]
-
-    def trl_side():
-        ids_check = (lambda ds: check_same_ids(examples, ds)) if first_trl and first_trl.pop() else None
-        return trl_run(args, model_path, rows, root, tokens, ids_check)
-
-    sides = {"align": check.wrap("align", lambda: align_run(args, model_path, data_path, root, tokens)),
-             "TRL": check.wrap("TRL", trl_side)}
-    load = wait_quiet(args.max_load)
-    print(f"load average {load:.2f}; running {args.repeats} alternating runs per side", flush=True)
-    results = alternate(sides, args.repeats)
+    check, results = harness.run_sides(
+        args, lambda: align_run(args, model_path, data_path, root, tokens),
+        lambda first: trl_run(args, model_path, rows, root, tokens,
+                              (lambda ds: check_same_ids(examples, ds)) if first else None))
     print(check.summary() + f"; last-step loss: align {results['align'][0]['losses'][-1]:.6f}, TRL "
           f"{results['TRL'][0]['losses'][-1]:.6f}")
     a, t = median(results["align"]), median(results["TRL"])
@@ -186,11 +146,9 @@ def main(argv=None) -> int:
     print(f"align: {a:.1f} tokens/s, TRL: {t:.1f} tokens/s (medians of {args.repeats}); ratio align / TRL: "
           f"{ratio:.2f}x", flush=True)
     if not args.no_record:
-        runs = "; ".join(f"{k} " + " / ".join(f"{r['value']:.0f}" for r in v) for k, v in results.items())
-        result = (f"{settings}. {check.summary()}. Trained (non-padding) tokens/s, "
-                  f"median of {args.repeats} alternating runs ({runs}): align {a:.0f}, TRL {t:.0f}: **{ratio:.2f}×**")
-        loads = [r["load"] for v in results.values() for r in v]
-        record("sft_throughput.py", argv, result, args.note, loads)
+        result = (f"{settings}. {check.summary()}. Trained (non-padding) tokens/s, median of {args.repeats} "
+                  f"alternating runs ({harness.runs_text(results, 0)}): align {a:.0f}, TRL {t:.0f}: **{ratio:.2f}×**")
+        record("sft_throughput.py", argv, result, args.note, results)
     return 0
 
 
