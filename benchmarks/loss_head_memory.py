@@ -34,9 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import REPO, record  # noqa: E402
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _rss_kib(field: str, path: str = "/proc/self/status") -> int:
+    with open(path) as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _meminfo_kib(field: str) -> int:
+    return _rss_kib(field, "/proc/meminfo")
 
 
 def child(variant: str, chunk: int, vocab: int, seq: int, hidden: int, seed: int) -> dict:
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
     default = ModelConfig().chunk_tokens
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [default * 2, default, default // 2]
     need = 3.2 * args.seq * args.vocab * 4 / 2**30  # the naive variant's logits, log-probs and their gradients
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    avail = _meminfo_kib("MemAvailable") / 2**20  # free pages + reclaimable page cache
     settings = (f"LM head hidden {args.hidden} → vocab {args.vocab}, {args.seq} tokens, fp32, token-mean NLL, "
                 f"forward + backward (grads of W and hidden), fresh process per variant, peak RSS above the "
                 f"pre-forward baseline")
