@@ -89,7 +89,7 @@ def rate(marks: list[dict], amounts: list[float], warmup: int, unit: str) -> dic
     secs = times[-1] - times[warmup - 1] if warmup else times[-1] - times[0]
     return {"value": done / secs, "seconds": secs, "amount": done, "losses": [m["loss"] for m in marks],
             "grad_norms": [m["grad_norm"] for m in marks],
-            "text": f"{done:.0f} {unit} in {secs:.2f} s = {done / secs:.1f} {unit}/s, first loss {marks[0]['loss']:.6f}"}
+            "text": f"{done:.0f} {unit} in {secs:.2f} s = {done / secs:.3g} {unit}/s, first loss {marks[0]['loss']:.6f}"}
 
 
 def free(*objects) -> None:
