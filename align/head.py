@@ -20,11 +20,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .fused_head import LinearLogprobs, plain_linear_head
+from .packing import pack_plan, packed_decoder_hidden
 
 
 def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) final hidden states (after the last norm), the input of the LM head."""
+    """(B, T, H) final hidden states (after the last norm), the input of the LM head; a right-padded batch on CPU runs
+    padding-free when that is cheaper (``align/packing.py``)."""
     decoder = model.get_decoder()
+    lengths = pack_plan(model, attention_mask)
+    if lengths is not None:
+        return packed_decoder_hidden(decoder, input_ids, attention_mask, lengths)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False)
     return out.last_hidden_state
 
