@@ -155,8 +155,7 @@ def main(argv=None) -> int:
     if not args.no_record:
         result = (f"{settings}. {check.summary()}. Reference pass (not counted): align {pa:.1f} s, TRL {pt:.1f} s. "
                   f"Pairs/s, median of {args.repeats} alternating runs ({harness.runs_text(results, 2)}): align "
-                  f"{a:.2f}, TRL {t:.2f}: "
-                  f"**{ratio:.2f}×**")
+                  f"{a:.2f}, TRL {t:.2f}: **{ratio:.2f}×**")
         record("dpo_throughput.py", argv, result, args.note, results)
     return 0
 

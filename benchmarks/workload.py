@@ -48,7 +48,8 @@ def lognormal_length(rng: random.Random, median: float, sigma: float, low: int, 
 
 
 def words(rng: random.Random, n: int, vocab: int) -> str:
-    """``n`` random words, each one token (never a special token)."""
+    """``n`` random words, each one token of the word-level tokenizer (never a special token); a BPE tokenizer (e.g.
+    ``--model smollm2``) splits each into a few tokens."""
     return " ".join(f"w{rng.randrange(vocab - len(SPECIALS))}" for _ in range(n))
 
 

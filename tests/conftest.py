@@ -17,6 +17,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARITH = os.path.join(REPO, "examples", "data", "arith")
 
 
+@pytest.fixture(autouse=True)
+def _drop_run_log_handlers():
+    """Each run adds a train.log FileHandler to the "align" logger; a test that moves its run directory, followed by
+    vLLM's logging set-up (which closes every handler, so the next record reopens the file), made a later test fail
+    on a missing path. Remove the handlers a test added when it ends."""
+    import logging
+
+    logger = logging.getLogger("align")
+    before = list(logger.handlers)
+    yield
+    for h in [h for h in logger.handlers if h not in before and isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(h)
+        h.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved tiny Llama model + character tokenizer (built offline once per test session)."""
