@@ -53,9 +53,10 @@ class TorchBackend:
     rank = 0
     is_main = True
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int, forward_fn=forward_logprobs):
         self.model = model
         self.cfg = cfg
+        self.forward_fn = forward_fn  # the trained model's forward (align/scores.py: per the loss's output)
         device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -113,10 +114,13 @@ class TorchBackend:
     def prepare_reference(self, ref: torch.nn.Module) -> torch.nn.Module:
         return ref
 
-    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
-        """(hidden (B, T, H), log-probs (B, T), entropy or None) of ``model`` on a micro-batch (align/head.py)."""
-        return forward_logprobs(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
-                                with_entropy=with_entropy)
+    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False,
+                temperature: float = 1.0):
+        """(hidden (B, T, H), log-probs (B, T), entropy or None) of ``model`` on a micro-batch (align/head.py); for
+        the trained model, what its ``forward_fn`` gives (a reward model: (None, (B,) scores, None))."""
+        fn = self.forward_fn if model is self.model else forward_logprobs  # frozen references are policies
+        return fn(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens, with_entropy=with_entropy,
+                  temperature=temperature)
 
     def agreed_chunks(self, loss_mask: torch.Tensor, chunk_tokens: int) -> None:
         return None  # one process: each LM-head call is local
@@ -136,10 +140,13 @@ class TorchBackend:
         return lora.hf_weights(self.model)
 
 
-def build_backend(model: torch.nn.Module, cfg, total_steps: int, dist=None):
-    """The backend ``cfg.backend.name`` names: TorchBackend, or DeepSpeedBackend over ``dist``'s process group."""
+def build_backend(model: torch.nn.Module, cfg, total_steps: int, dist=None, output: str = "logprobs"):
+    """The backend ``cfg.backend.name`` names: TorchBackend, or DeepSpeedBackend over ``dist``'s process group.
+    ``output``: what the trained model computes for the loss (``losses.OUTPUTS``)."""
+    from .scores import forward_fn
+
     if cfg.backend.name == "deepspeed":
         from .deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(model, cfg, total_steps, dist)
-    return TorchBackend(model, cfg.train, total_steps)
+        return DeepSpeedBackend(model, cfg, total_steps, dist, forward_fn=forward_fn(output))
+    return TorchBackend(model, cfg.train, total_steps, forward_fn=forward_fn(output))

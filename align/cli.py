@@ -55,7 +55,7 @@ def _cmd_eval(args) -> int:
 
     result = run_eval(args.target, args.overrides, ref=args.ref, out=args.out)
     print(format_table(result["metrics"]))
-    print(f"wrote {result['out']} (samples: {result['samples']})")
+    print(f"wrote {result['out']}" + (f" (samples: {result['samples']})" if "samples" in result else ""))
     return 0
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import stage_refs
 from .configio import ConfigError, apply_override, deep_merge, from_dict, load_yaml, parse_override, suggest
 
 
@@ -155,7 +156,7 @@ class RolloutConfig:
     prompts: str = ""  # prompt file(s) or hub dataset: a `prompt` column plus the columns rewards read (`answer`)
     limit: int | None = None  # use at most this many prompts
     n: int = 4  # samples per prompt (one group)
-    temperature: float = 1.0  # sampling temperature (log-probs are always those of the temperature-1 policy)
+    temperature: float = 1.0  # sampling temperature T; the trainer's log-probs are those of π_T = softmax(z/T)
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # 0: off
     max_new_tokens: int = 64  # generation budget per sample
@@ -309,6 +310,7 @@ class RunConfig:
     def check(self, where: str) -> None:
         loss_cls = build_loss(self.loss, "loss").__class__
         needs = loss_cls.needs
+        check_output(self, loss_cls)
         if "rewards" in needs and self.rollout is None:
             raise ConfigError(
                 f"loss '{self.loss.name}' needs rewards from rollouts: add a `rollout:` section (prompts, n, rewards), "
@@ -328,6 +330,7 @@ class RunConfig:
 class Stage:
     name: str
     config: RunConfig
+    from_previous: bool = False  # starts from the previous stage's final/ (a later stage that sets no model.name)
 
 
 @dataclass
@@ -337,6 +340,32 @@ class Pipeline:
     run_dir: str
     stages: list[Stage]
     raw: dict  # the merged mapping, written to RUN_DIR/config.yaml
+
+
+def check_output(cfg: "RunConfig", loss_cls) -> None:
+    """What the loss's ``output`` (losses.OUTPUTS) allows: a sequence-scoring model (a reward model) trains on data
+    and is evaluated on held-out pairs; it has no per-token log-probs and cannot generate."""
+    from losses import OUTPUTS
+
+    name = cfg.loss.name
+    if loss_cls.output not in OUTPUTS:
+        raise ConfigError(f"loss '{name}' declares output {loss_cls.output!r}; a loss's output is one of "
+                          f"{', '.join(OUTPUTS)}")
+    if loss_cls.output != "scores":
+        return
+    policy_needs = sorted(loss_cls.needs & {"ref_logprobs", "old_logprobs", "ref_model", "rewards"})
+    if policy_needs:
+        raise ConfigError(f"loss '{name}' trains a sequence-scoring model (output 'scores') but needs "
+                          f"{', '.join(policy_needs)}, which only a policy (output 'logprobs') has")
+    if cfg.peft is not None:  # not written yet: LoRA wraps a causal LM (align/lora.py), not the score head
+        raise ConfigError(f"loss '{name}' trains a reward model (output 'scores') with every weight; LoRA (`peft:`) "
+                          "is for policies so far: drop the `peft:` section")
+    if cfg.rollout is not None:
+        raise ConfigError(f"loss '{name}' trains a reward model (output 'scores'), which cannot generate rollouts: "
+                          "drop the `rollout:` section and give data.train")
+    if cfg.eval.prompts:
+        raise ConfigError(f"loss '{name}' trains a reward model (output 'scores'), which cannot generate: set "
+                          "eval.prompts: null and evaluate it on held-out pairs with eval.pairs (pairwise accuracy)")
 
 
 def check_rollout(cfg: "RunConfig") -> None:
@@ -388,6 +417,7 @@ def pipeline_from_dict(data: dict) -> Pipeline:
     stages_raw = data.pop("stages", None)
     run_dir = data.get("run_dir", RunConfig.run_dir)
     if not stages_raw:
+        data = stage_refs.resolve(data, run_dir=run_dir, earlier=[], where="")  # no stages: no reference resolves
         return Pipeline(run_dir=run_dir, stages=[Stage("main", from_dict(RunConfig, data))], raw=data)
     if not isinstance(stages_raw, list):
         raise ConfigError("stages: expected a list of stage mappings, each with a `name`")
@@ -406,9 +436,11 @@ def pipeline_from_dict(data: dict) -> Pipeline:
         merged = deep_merge(data, stage)
         if "loss" in stage:  # a stage's loss replaces the top-level one: its options belong to that loss alone
             merged["loss"] = stage["loss"]
-        if i > 0 and "model" in stage and "name" in (stage.get("model") or {}):
-            raise ConfigError(f"stages[{i}].model.name: a later stage starts from the previous stage's weights")
-        stages.append(Stage(name, from_dict(RunConfig, merged, f"stages[{i}]")))
+        # a later stage starts from the previous stage's final/, unless it names its own model (a folder, tiny, or
+        # an earlier stage's final/ as "@stage:NAME")
+        own_model = "name" in (stage.get("model") or {})
+        merged = stage_refs.resolve(merged, run_dir=run_dir, earlier=[s.name for s in stages], where=f"stages[{i}]")
+        stages.append(Stage(name, from_dict(RunConfig, merged, f"stages[{i}]"), from_previous=i > 0 and not own_model))
     return Pipeline(run_dir=run_dir, stages=stages, raw={**data, "stages": stages_raw})
 
 

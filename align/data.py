@@ -316,6 +316,17 @@ def validate_row(row: dict, i: int, fmt: str, source: str) -> None:
         if row["chosen"] == row["rejected"]:
             raise DataError(source, i, "rejected", "is identical to 'chosen' (the pair carries no preference)",
                             "remove the row or fix the pair")
+        if "margin" in row:
+            _check_margin(row["margin"], source, i)
+
+
+def _check_margin(value: Any, source: str, row: int) -> None:
+    """A preference row's optional ``margin``: by how much chosen should out-score rejected (the reward loss)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(source, row, "margin", f"expected a finite number, got {_show(value)}",
+                        "give every pair a numeric margin (how much better chosen is), or drop the column")
 
 
 # ---------------------------------------------------------------------------------------------------- tokenising
@@ -456,6 +467,10 @@ class Tokenizer:
                                       "use as one", "add a prompt column or start both with the prompt turns")
             samples = [self.prompt_completion(prompt, chosen, i, "chosen"),
                        self.prompt_completion(prompt, rejected, i, "rejected")]
+            if "margin" in row:  # per pair, on both rows: batch.extras["margin"] (B,)
+                for s in samples:
+                    if s is not None:
+                        s.fields["margin"] = float(row["margin"])
             if samples[0] is not None and samples[1] is not None and samples[0].input_ids == samples[1].input_ids:
                 raise self._error(i, "rejected", "tokenises to the same ids as 'chosen' (after truncation to "
                                   f"data.max_length={self.cfg.max_length})", "the pair carries no preference: raise "
@@ -477,6 +492,13 @@ def _rows_and_format(spec: str, cfg: DataConfig, split: str | None = None):
     for i, row in enumerate(rows):
         name, local = rows.where(i)
         validate_row(row, local, fmt, name)
+    with_margin = [i for i, row in enumerate(rows) if "margin" in row] if fmt == "preference" else []
+    if with_margin and len(with_margin) < len(rows):
+        missing = next(i for i, row in enumerate(rows) if "margin" not in row)
+        name, local = rows.where(missing)
+        first, first_local = rows.where(with_margin[0])
+        raise DataError(name, local, "margin", f"is missing, but {first} row {first_local} has one",
+                        "give every pair a margin or none (a pair without one would silently use 0)")
     return rows, source, fmt
 
 

@@ -41,16 +41,18 @@ STATE_TAG = "state"
 
 class LogprobModule(torch.nn.Module):
     """One root module for DeepSpeed to wrap: (input_ids, attention_mask, loss_mask) → (hidden (B, T, H), fp32
-    log-probs (B, T), entropy (B, T) or None), with the LM head applied only at loss positions (align/head.py)."""
+    log-probs (B, T), entropy (B, T) or None), with the LM head applied only at loss positions (align/head.py).
+    ``forward_fn`` replaces that forward for a model whose loss wants another output (align/scores.py)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, forward_fn=forward_logprobs):
         super().__init__()
         self.model = model
+        self.forward_fn = forward_fn
 
     def forward(self, input_ids, attention_mask, loss_mask, chunk_tokens: int = 1024, with_entropy: bool = False,
-                n_chunks: int | None = None):
-        return forward_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
-                                with_entropy=with_entropy, n_chunks=n_chunks)
+                n_chunks: int | None = None, temperature: float = 1.0):
+        return self.forward_fn(self.model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
+                               with_entropy=with_entropy, n_chunks=n_chunks, temperature=temperature)
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -85,7 +87,7 @@ def _numel(p: torch.Tensor) -> int:
 class DeepSpeedBackend:
     """``deepspeed.initialize`` around the policy; align's optimizer, schedule, loss scaling and checkpoints."""
 
-    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, dist: Dist):
+    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, dist: Dist, forward_fn=forward_logprobs):
         import deepspeed
 
         self.cfg = cfg.train
@@ -109,7 +111,7 @@ class DeepSpeedBackend:
             optimizer = GuardedAdamW(groups, max_norm=t.grad_clip, **kwargs)
         else:
             optimizer = torch.optim.AdamW(groups, **kwargs)
-        self.engine, _, _, _ = deepspeed.initialize(model=LogprobModule(model), optimizer=optimizer,
+        self.engine, _, _, _ = deepspeed.initialize(model=LogprobModule(model, forward_fn), optimizer=optimizer,
                                                     config=self.ds_config, dist_init_required=False)
         self.optimizer = optimizer  # the base optimizer: its param_groups carry the learning rate
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, total_steps))
@@ -161,7 +163,8 @@ class DeepSpeedBackend:
             return self._runners[id(model)][1]
         return None
 
-    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False):
+    def forward(self, model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int, with_entropy: bool = False,
+                temperature: float = 1.0):
         """(hidden, log-probs, entropy) of ``model`` — through its DeepSpeed engine when this backend wraps it."""
         host = getattr(model, "adapter_host", None)
         if host is not None:  # LoRA reference (align/lora.py AdapterDisabled): the policy's engine, adapters off
@@ -171,10 +174,10 @@ class DeepSpeedBackend:
         engine = self._engine_for(model)
         if engine is None:
             return forward_logprobs(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens,
-                                    with_entropy=with_entropy)
+                                    with_entropy=with_entropy, temperature=temperature)
         n_chunks = self.agreed_chunks(loss_mask, chunk_tokens)
         return engine(input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens, with_entropy=with_entropy,
-                      n_chunks=n_chunks)
+                      n_chunks=n_chunks, temperature=temperature)
 
     def agreed_chunks(self, loss_mask: torch.Tensor, chunk_tokens: int) -> int | None:
         """LM-head chunk count shared by all ranks (ZeRO-3 with several ranks), else None (each rank its own)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig, load_config
+from .config import RunConfig, build_loss, load_config
 from .configio import ConfigError, load_yaml
 
 
@@ -104,6 +104,8 @@ def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str
 
     t = resolve(target, overrides)
     cfg = t.cfg
+    if build_loss(cfg.loss).output == "scores":  # a reward model: held-out pairwise accuracy (align/reward_eval.py)
+        return _write_eval(_reward_eval(t), out or os.path.join(t.out_dir, "eval.json"))
     if not cfg.eval.prompts:
         raise ConfigError("eval.prompts is not set: give held-out prompts, e.g. eval.prompts=data/test.jsonl")
     device = resolve_device(cfg.backend.device)
@@ -128,12 +130,23 @@ def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str
               "n": cfg.eval.n, "temperature": cfg.eval.temperature,
               "rewards": [{"name": r.name, "weight": r.weight} for r in rewards], "metrics": metrics,
               "samples": samples_path}
-    out = out or os.path.join(t.out_dir, "eval.json")
+    return _write_eval(result, out or os.path.join(t.out_dir, "eval.json"))
+
+
+def _write_eval(result: dict, out: str) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     result["out"] = out
     return result
+
+
+def _reward_eval(t: Target) -> dict:
+    from .models import resolve_device
+    from .reward_eval import eval_reward_model
+
+    metrics = eval_reward_model(t.model_path, t.cfg, resolve_device(t.cfg.backend.device))
+    return {"model": t.model_path, "pairs": t.cfg.eval.pairs, "metrics": metrics}
 
 
 @torch.no_grad()

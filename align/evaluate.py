@@ -1,7 +1,10 @@
 """Generation-based evaluation: sample on held-out prompts, score with reward functions, report accuracy.
 
 ``accuracy`` is the mean of the first reward over all samples (pass@1 for a 0/1 verifier); ``reward`` the mean of
-the weighted sum of all reward terms, ``reward/NAME`` each term's mean. For 0/1 rewards with
+the weighted sum of all reward terms, ``reward/NAME`` each term's mean. When the first term is a 0/1 verifier, a
+real-valued term (a learned reward model, centred on 0) also gets ``reward/NAME>0`` (the fraction of samples it scores
+above 0: those it calls right) and ``gap/NAME`` = that fraction − ``accuracy`` (how much it over-rates the samples:
+reward hacking made visible). For 0/1 rewards with
 n samples per prompt, pass@k uses the unbiased estimator 1 − C(n−c, k) / C(n, k) (Chen et al. 2021).
 """
 
@@ -43,7 +46,10 @@ def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[Re
     if completions_out is not None:
         completions_out.extend(comps)
     rows = [prompts[c.prompt_index] for c in comps]
-    scored = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], [r.fields for r in rows])
+    # a chat prompt's messages go along (as in rollouts): a learned reward renders them with its own chat template
+    fields = [r.fields if r.prompt_messages is None else {**r.fields, "prompt_messages": r.prompt_messages}
+              for r in rows]
+    scored = score(rewards, [r.prompt_text for r in rows], [c.text for c in comps], fields)
     scores = scored.terms
     first = next(iter(scores))
     metrics = {"accuracy": sum(scores[first]) / len(comps)}
@@ -52,7 +58,14 @@ def evaluate(engine, prompts: list[PromptRow], cfg: EvalConfig, rewards: list[Re
     metrics["reward"] = sum(scored.total) / len(comps)  # mean of Σ_k weight_k · r_k
     metrics["mean_length"] = sum(len(c.token_ids) for c in comps) / len(comps)
     metrics["stopped"] = sum(c.finish_reason == "stop" for c in comps) / len(comps)
-    if all(v in (0.0, 1.0) for v in scores[first]):
+    binary = all(v in (0.0, 1.0) for v in scores[first])
+    for name, vals in list(scores.items())[1:]:
+        if binary and not all(v in (0.0, 1.0) for v in vals):
+            # a real-valued term next to a 0/1 verifier (a learned, centred reward model): how often it calls a sample
+            # good (> 0), and by how much that exceeds the verified accuracy (> 0: the reward is being fooled)
+            metrics[f"reward/{name}>0"] = sum(v > 0 for v in vals) / len(vals)
+            metrics[f"gap/{name}"] = metrics[f"reward/{name}>0"] - metrics["accuracy"]
+    if binary:
         per_prompt: dict[int, list[float]] = {}
         for c, v in zip(comps, scores[first]):
             per_prompt.setdefault(c.prompt_index, []).append(v)

@@ -179,9 +179,11 @@ def ref_kl(policy, hidden: torch.Tensor, ref, ref_hidden: torch.Tensor, mask: to
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
-                     chunk_tokens: int = 1024, with_entropy: bool = False, n_chunks: int | None = None):
-    """The policy forward: (B, T, H) hidden states, (B, T) fp32 log-probs at ``loss_mask``, (B, T) entropy or None."""
+                     chunk_tokens: int = 1024, with_entropy: bool = False, n_chunks: int | None = None,
+                     temperature: float = 1.0):
+    """The policy forward: (B, T, H) hidden states, (B, T) fp32 log-probs at ``loss_mask``, (B, T) entropy or None,
+    of softmax(logits / temperature)."""
     hidden = decoder_hidden(model, input_ids, attention_mask)
-    lp, ent = token_logprobs(model, hidden, input_ids, loss_mask, chunk_tokens=chunk_tokens,
+    lp, ent = token_logprobs(model, hidden, input_ids, loss_mask, chunk_tokens=chunk_tokens, temperature=temperature,
                              with_entropy=with_entropy, n_chunks=n_chunks)
     return hidden, lp, ent

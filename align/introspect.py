@@ -36,6 +36,9 @@ def describe_loss(cls) -> str:
     needs = sorted(cls.needs)
     if needs:
         lines.append(f"    needs: {', '.join(needs)}")
+    if getattr(cls, "output", "logprobs") != "logprobs":  # trains another kind of model (losses.OUTPUTS)
+        lines.append(f"    output: {cls.output} (trains AutoModelForSequenceClassification, num_labels=1)"
+                     if cls.output == "scores" else f"    output: {cls.output}")
     fields = dataclasses.fields(cls.Options) if dataclasses.is_dataclass(cls.Options) else []
     comments = field_comments(cls.Options)
     for f in fields:

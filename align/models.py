@@ -48,25 +48,49 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, cfg: ModelConfig, device: torch.device):
-    """A causal LM from ``path`` in ``cfg.dtype`` on ``device``, dropout off (as TRL's disable_dropout). A LoRA adapter
-    folder (a LoRA run's checkpoint or final/) loads as its base model with the adapter merged in (align/lora.py)."""
+def load_model(path: str, cfg: ModelConfig, device: torch.device, output: str = "logprobs",
+               pad_token_id: int | None = None):
+    """The model a loss's ``output`` needs from ``path``, in ``cfg.dtype`` on ``device``, dropout off (as TRL's
+    disable_dropout): a causal LM for ``"logprobs"``; for ``"scores"`` a sequence-classification model with one
+    output (a causal-LM checkpoint gets a freshly initialised score head, as TRL's RewardTrainer does) whose
+    ``config.pad_token_id`` is set (its score is read at the last non-pad token). A LoRA adapter folder (a LoRA run's
+    checkpoint or final/) loads as its base model with the adapter merged in (align/lora.py)."""
     from transformers import AutoModelForCausalLM
 
     from . import lora
 
     if lora.is_adapter_dir(path):
+        if output == "scores":
+            raise ValueError(f"{path} holds LoRA adapters; a reward model starts from full weights: merge them first "
+                             f"(align export {path} OUT) and give that folder")
         return lora.load_merged(path, cfg, device)
 
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if output == "scores":
+        model = _load_scorer(path, kwargs, pad_token_id)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.to(device)
     disable_dropout(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _load_scorer(path: str, kwargs: dict, pad_token_id: int | None):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
+    if getattr(config, "num_labels", 1) != 1 and any(a.endswith("ForSequenceClassification")
+                                                     for a in config.architectures or []):
+        raise ValueError(f"{path} is a sequence-classification model with {config.num_labels} outputs; a reward model "
+                         "has one (num_labels=1)")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     return model
 
 

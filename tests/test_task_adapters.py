@@ -137,7 +137,7 @@ def test_cli_writes_prompts_the_evaluation_reads(tmp_path, tokenizer, tiny_dir, 
     answers = [p.fields["answer"] for p in prompts]
     got = score(rewards, [p.prompt_text for p in prompts], [f"It is {a}" for a in answers[:2]] + ["0.5", "x"],
                 [p.fields for p in prompts])
-    assert got["reasoning_gym"][:2] == [1.0, 1.0] and got["reasoning_gym"][3] == 0.0
+    assert got.terms["reasoning_gym"][:2] == [1.0, 1.0] and got.terms["reasoning_gym"][3] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------ CHAMP

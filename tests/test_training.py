@@ -38,6 +38,13 @@ def test_loss_goes_down(tmp_path):
     assert os.path.isfile(os.path.join(cfg["run_dir"], "final", "model.safetensors"))
 
 
+def test_logged_lr_is_the_rate_each_step_applied(tmp_path):
+    cfg = tiny_config(tmp_path, train={"steps": 6, "lr": 1e-3, "warmup_steps": 4, "schedule": "constant"})
+    trainer_for(cfg).fit()
+    rows = [json.loads(l) for l in open(os.path.join(cfg["run_dir"], "metrics.jsonl"))]
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
 @pytest.mark.parametrize("loss", ["sft", "dft"])
 def test_resume_gives_identical_parameters(tmp_path, loss):
     """10 steps straight vs. 5 steps, stop, new process state, resume 5 more → the same weights, bit for bit."""
