@@ -285,9 +285,11 @@ class Trainer:
     def _old_from_update(self) -> bool:
         """One optimizer step per experience batch and a ``prepare`` that does not read π_old: the step's own forward
         runs with the weights that made the batch, so its detached log-probs are π_old (TRL's num_iterations=1
-        shortcut) and the separate no-grad policy pass is skipped."""
+        shortcut) and the separate no-grad policy pass is skipped. Not when sampling at a temperature ≠ 1: the engine
+        mismatch then compares temperature-1 log-probs, which the update's forward (at the temperature) does not give."""
         prepare_reads = getattr(self.loss, "prepare_needs", self.loss.needs)  # duck-typed losses: all needs
-        return self.loss.epochs * self.loss.minibatches == 1 and "old_logprobs" not in prepare_reads
+        return (self.loss.epochs * self.loss.minibatches == 1 and "old_logprobs" not in prepare_reads
+                and self.temperature == 1.0)
 
     def _fill_from_update(self, mb: Batch, lp: torch.Tensor) -> None:
         """old_logprobs and tis_weight of micro-batch ``mb`` from its own (detached) forward log-probs ``lp``."""
@@ -411,6 +413,8 @@ class Trainer:
             mismatch, _ = engine_mismatch(policy[sel], batch.extras["engine_logprobs"][sel], batch.loss_mask[sel],
                                           self.cfg.rollout.tis_cap)
             out.update(mismatch)
+            if "weight_version" in batch.extras:  # as _fill_needs logs it (sync_every > 1)
+                out["mismatch/weight_lag"] = self.step - float(batch.extras["weight_version"].mean())
         return out
 
     # ------------------------------------------------------------------------------------------------ the loop
