@@ -1,9 +1,11 @@
 """Per-token log-probabilities in fp32 without materialising the (B, T, V) log-softmax.
 
 The decoder runs once to final hidden states (B, T, H). The LM head and the fp32 log-softmax then run only on the
-positions that carry a loss, in chunks of ``chunk_tokens`` rows, each chunk under activation checkpointing: its
-(chunk, V) logits exist during its own forward and are recomputed in backward, so the peak is one chunk's logits
-instead of the whole batch's. Gradients are exact (the same math, recomputed).
+positions that carry a loss, in chunks of ``chunk_tokens`` rows: each chunk's (chunk, V) logits exist during its own
+forward and are recomputed in backward, so the peak is one chunk's logits instead of the whole batch's. Gradients are
+exact (the same math, recomputed). A plain ``nn.Linear`` head goes through ``align/fused_head.py`` (one (chunk, V)
+buffer, the weight gradient accumulated in place); any other head module runs each chunk under activation
+checkpointing.
 
 Convention (losses/batch.py): ``logprobs[:, t] = log π(input_ids[:, t] | input_ids[:, :t])``; the hidden state that
 predicts token t sits at position t − 1.
@@ -17,27 +19,39 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .fused_head import LinearLogprobs, plain_linear_head
+from .packing import pack_plan, packed_decoder_hidden
+
 
 def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) final hidden states (after the last norm), the input of the LM head."""
+    """(B, T, H) final hidden states (after the last norm), the input of the LM head; a right-padded batch on CPU runs
+    padding-free when that is cheaper (``align/packing.py``)."""
     decoder = model.get_decoder()
+    lengths = pack_plan(model, attention_mask)
+    if lengths is not None:
+        return packed_decoder_hidden(decoder, input_ids, attention_mask, lengths)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False)
     return out.last_hidden_state
+
+
+def logit_transform(model, temperature: float = 1.0) -> tuple[float, float | None, float]:
+    """(logit scale, final soft-cap or None, 1 / temperature) of ``model``: z = softcap·tanh(s·x / softcap) / T."""
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere-style models scale their logits
+    if isinstance(scale, torch.nn.Parameter) or scale is None:
+        scale = 1.0  # a learned scale is not a plain number; not supported here
+    return float(scale), softcap, 1.0 / temperature
 
 
 def logits_fn(model, temperature: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden (N, H) → fp32 logits (N, V), with the model's own logit scaling / soft-capping and a temperature."""
     head = model.get_output_embeddings()
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(model, "logit_scale", None)  # Cohere-style models scale their logits
-    if isinstance(scale, torch.nn.Parameter):
-        scale = None  # a learned scale is not a plain number; not supported here
-    inv_t = 1.0 / temperature
+    scale, softcap, inv_t = logit_transform(model, temperature)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         z = head(h).float()
-        if scale is not None:
+        if scale != 1.0:
             z = z * scale
         if softcap is not None:
             z = torch.tanh(z / softcap) * softcap
@@ -102,11 +116,14 @@ def token_logprobs(
     h = hidden[pred_mask]  # (N, H): hidden states that predict the masked tokens, row-major order
     targets = input_ids[mask]  # (N,)
     logits = logits_fn(model, temperature)
+    linear = plain_linear_head(model) if n_chunks is None else None
+    if linear is not None:  # one (chunk, V) buffer, weight gradient accumulated in place (align/fused_head.py)
+        lp = LinearLogprobs.apply(h, *linear, targets, chunk_tokens, *logit_transform(model, temperature))
+    else:  # any head module (adapters, ZeRO-3 partitions with a fixed number of calls): checkpointed chunks
+        def chunk_fn(h_chunk, t_chunk):
+            return _gather_logprobs(logits(h_chunk), t_chunk)
 
-    def chunk_fn(h_chunk, t_chunk):
-        return _gather_logprobs(logits(h_chunk), t_chunk)
-
-    lp = _map_chunks(chunk_fn, chunk_tokens, h, targets, n_chunks=n_chunks)
+        lp = _map_chunks(chunk_fn, chunk_tokens, h, targets, n_chunks=n_chunks)
     entropy = None
     if with_entropy:
         with torch.no_grad():

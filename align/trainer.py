@@ -277,8 +277,8 @@ class Trainer:
             batch.extras["ref_logprobs"] = self.ref_cache.fill(batch, units) if self.ref_cache is not None \
                 else self._logprobs_no_grad(self.ref_model, batch, units)
         online = "engine_logprobs" in batch.extras
-        if "old_logprobs" not in needs and not online:
-            return {}
+        if ("old_logprobs" not in needs and not online) or self._old_from_update():
+            return {}  # nothing to fill, or filled per micro-batch from the update's own forward (_optimizer_step)
         policy = self._logprobs_no_grad(self.model, batch, units)  # the policy before this batch's updates
         if "old_logprobs" in needs:
             batch.extras["old_logprobs"] = policy
@@ -298,6 +298,25 @@ class Trainer:
             versions = batch.extras["weight_version"] if rows is None else batch.extras["weight_version"][rows]
             metrics["mismatch/weight_lag"] = self.step - float(versions.mean())
         return metrics
+
+    def _old_from_update(self) -> bool:
+        """One optimizer step per experience batch and a ``prepare`` that does not read π_old: the step's own forward
+        runs with the weights that made the batch, so its detached log-probs are π_old (TRL's num_iterations=1
+        shortcut) and the separate no-grad policy pass is skipped. Not when sampling at a temperature ≠ 1: the engine
+        mismatch then compares temperature-1 log-probs, which the update's forward (at the temperature) does not give."""
+        prepare_reads = getattr(self.loss, "prepare_needs", self.loss.needs)  # duck-typed losses: all needs
+        return (self.loss.epochs * self.loss.minibatches == 1 and "old_logprobs" not in prepare_reads
+                and self.temperature == 1.0)
+
+    def _fill_from_update(self, mb: Batch, lp: torch.Tensor) -> None:
+        """old_logprobs and tis_weight of micro-batch ``mb`` from its own (detached) forward log-probs ``lp``."""
+        if "old_logprobs" in self.loss.needs:
+            mb.extras["old_logprobs"] = lp
+        if "engine_logprobs" in mb.extras:
+            from .offpolicy import engine_mismatch
+
+            _, mb.extras["tis_weight"] = engine_mismatch(lp, mb.extras["engine_logprobs"], mb.loss_mask,
+                                                         self.cfg.rollout.tis_cap)
 
     # ---------------------------------------------------------------------------------- precomputed reference
     def _precomputed_reference(self, examples, name: str):
@@ -357,10 +376,17 @@ class Trainer:
         sums: dict[str, float] = {}
         weight = 0
         tokens = 0
+        online = "engine_logprobs" in batch.extras
+        from_update = ("old_logprobs" in self.loss.needs or online) and self._old_from_update()
+        policy = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device) if from_update and online else None
         for i, rows in enumerate(plan):
             real = i < n_real  # padded micro-batches run with weight 0 (distributed.pad_plan)
             mb = batch.select(rows)
             hidden, lp, ent = self._forward(model, mb, with_entropy=self.cfg.log.entropy)
+            if from_update:
+                self._fill_from_update(mb, lp.detach())
+                if policy is not None and real:
+                    policy[torch.as_tensor(rows, device=policy.device), : mb.seq_len] = lp.detach()
             if "ref_model" in self.loss.needs:
                 with torch.no_grad():
                     ref_hidden = decoder_hidden(self.ref_model, mb.input_ids, mb.attention_mask)
@@ -399,6 +425,15 @@ class Trainer:
                    grad_norm=grad_norm, lr=lr, tokens=float(tokens),
                    loss_tokens=float(ctx.num_tokens), sequences=float(ctx.num_sequences))
         out["skipped"] = 0.0 if applied else 1.0
+        if policy is not None:  # the engine-vs-trainer mismatch over this step's rows (as _fill_needs logs it)
+            from .offpolicy import engine_mismatch
+
+            sel = torch.as_tensor(rows_all, dtype=torch.long, device=policy.device)
+            mismatch, _ = engine_mismatch(policy[sel], batch.extras["engine_logprobs"][sel], batch.loss_mask[sel],
+                                          self.cfg.rollout.tis_cap)
+            out.update(mismatch)
+            if "weight_version" in batch.extras:  # as _fill_needs logs it (sync_every > 1)
+                out["mismatch/weight_lag"] = self.step - float(batch.extras["weight_version"].mean())
         return out
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -433,6 +468,7 @@ class Trainer:
                 gctx = self._context(batch, [r for u in units for r in u], 1)
                 with torch.no_grad():
                     batch = self.loss.prepare(batch, gctx)
+                batch_metrics["prepare_time"] = time.time() - t0  # reference / old log-probs and loss.prepare
                 if self.source.online:
                     self.engine_sync.before_updates()
                 for epoch in range(self.loss.epochs):
@@ -445,9 +481,11 @@ class Trainer:
                         # sit at experience boundaries, so a resume never skips the rest of a batch
                         if self.step >= self.total_steps or self.backend.all_reduce_sum([float(len(part))])[0] == 0:
                             break
+                        t_update = time.time()
                         metrics = {**batch_metrics, **self._optimizer_step(batch, [units[i] for i in part])}
                         self.step += 1
                         now = time.time()
+                        metrics["update_time"] = now - t_update  # forward, backward and optimizer step
                         metrics["step_time"] = now - t0
                         metrics["tokens_per_s"] = metrics["tokens"] / max(now - t0, 1e-9)
                         t0 = now

@@ -141,6 +141,13 @@ class Loss:
     def aggregation(self) -> Aggregation:
         return getattr(self.opt, "aggregation", None) or self.default_aggregation
 
+    @property
+    def prepare_needs(self) -> frozenset[str]:
+        """The ``needs`` that ``prepare`` reads (default: all of them). When ``old_logprobs`` is not among them and
+        each experience batch makes one optimizer step (epochs × minibatches = 1), the trainer takes π_old from that
+        step's own forward (the same weights, detached) instead of a separate pass, and sets it on each micro-batch."""
+        return frozenset(self.needs)
+
     def prepare(self, batch: Batch, ctx: LossContext) -> Batch:
         """Once per experience batch, after ``needs`` are filled, without gradients (e.g. advantages)."""
         return batch

@@ -138,6 +138,13 @@ class KLPG(Loss):
         super().__init__(options)
         self.needs = needs_for(self.opt) | self.extra_needs  # this run's: no reference model when no KL uses it
 
+    @property
+    def prepare_needs(self) -> frozenset[str]:
+        """prepare reads the rewards, and π_old / π_ref only for a KL penalty in the reward."""
+        if self.opt.reward_beta > 0 and self.opt.reward_kl != "none":
+            return frozenset({"rewards", "old_logprobs", "ref_logprobs"} & self.needs)
+        return frozenset({"rewards"})
+
     # ------------------------------------------------------------------------------------------ per experience
     def prepare(self, batch: Batch, ctx: LossContext) -> Batch:
         """Â (B, T) into ``batch.extras["advantages"]``, from ``extras["reward"]`` (B,) and ``group_ids``."""
