@@ -15,11 +15,8 @@ preceded by a small warm-up call; the engines alternate over ``--repeats`` runs 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -50,27 +47,6 @@ def build_model(path: str, vocab: int, hidden: int, layers: int, intermediate: i
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {cores} cores, {mem:.0f} GiB{gpu}"
-
-
-def command(argv) -> str:
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    args = list(argv if argv is not None else sys.argv[1:])
-    return env + shlex.join(["python", "benchmarks/rollout_throughput.py"] + args)
 
 
 def timed(engine, prompts, sampling, n):
@@ -175,18 +151,10 @@ def main(argv=None) -> int:
                  f"{' / '.join(f'{x:.0f}' for x in rates['vllm'])} tok/s)")
 
     if not args.no_record:
-        row = (f"| {datetime.date.today().isoformat()} | {machine()}{'; ' + args.note if args.note else ''} | "
-               f"`{command(argv)}` | "
-               f"{settings}. transformers {hf_rate:.0f} tok/s, vLLM {v_rate:.0f} tok/s: "
-               f"**{ratio:.2f}×** |\n")
-        results = os.path.join(HERE, "RESULTS.md")
-        if not os.path.exists(results):
-            with open(results, "w", encoding="utf-8") as f:
-                f.write("# Benchmark results\n\nOne row per run, appended by the scripts in this folder. Ratios are "
-                        "measured side by side in one run.\n\n| date | machine | command | result |\n|---|---|---|---|\n")
-        with open(results, "a", encoding="utf-8") as f:
-            f.write(row)
-        print(f"appended to {results}")
+        from results import append_row
+
+        append_row("rollout_throughput.py", argv, f"{settings}. transformers {hf_rate:.0f} tok/s, vLLM {v_rate:.0f} "
+                   f"tok/s: **{ratio:.2f}×**", args.note)
     return 0
 
 

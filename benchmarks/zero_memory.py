@@ -16,10 +16,8 @@ top; they are counted with the gradients.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -83,24 +81,6 @@ def worker(root: str, out: str, precision: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
-    except Exception:
-        pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU"
-
-
 def table(results: dict, world: int) -> tuple[str, str]:
     base = results["0"][0]
     base_total = sum(base[k] for k in KEYS)
@@ -145,24 +125,17 @@ def main() -> int:
     text, summary = table(results, args.world)
     print(text)
     if args.record:
-        row = (f"| {datetime.date.today().isoformat()} | {machine()}{'; ' + args.note if args.note else ''} | "
-               f"`OMP_NUM_THREADS=1 python benchmarks/zero_memory.py --world {args.world} --precision "
-               f"{args.precision} --record` | "
-               f"per-rank params + grads + optimizer bytes as a ratio to stage 0 ({args.world} ranks, {args.precision}, "
-               f"{results['n_params'] / 1e6:.2f}M params; rank 0, other ranks within {100 * results['spread']:.1f}%): "
-               f"**{summary}**. " + "; ".join(
-                   f"stage {s}: " + ", ".join(f"{k} {results[s][0][k] / max(results['0'][0][k], 1):.2f}"
-                                              for k in ("params", "gradients", "optimizer_states"))
-                   + f", master {results[s][0]['master_weights'] / 2**20:.2f} MiB" for s in ("0", "1", "2", "3"))
-               + " |")
-        path = os.path.join(REPO, "benchmarks", "RESULTS.md")
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                f.write("# Benchmark results\n\nOne row per run, appended by the scripts in this folder. Ratios are "
-                        "measured side by side in one run.\n\n| date | machine | command | result |\n|---|---|---|---|\n")
-        with open(path, "a") as f:
-            f.write(row + "\n")
-        print(f"appended to {path}")
+        sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+        from results import append_row
+
+        append_row("zero_memory.py", None,
+                   f"per-rank params + grads + optimizer bytes as a ratio to stage 0 ({args.world} ranks, "
+                   f"{args.precision}, {results['n_params'] / 1e6:.2f}M params; rank 0, other ranks within "
+                   f"{100 * results['spread']:.1f}%): **{summary}**. " + "; ".join(
+                       f"stage {s}: " + ", ".join(f"{k} {results[s][0][k] / max(results['0'][0][k], 1):.2f}"
+                                                  for k in ("params", "gradients", "optimizer_states"))
+                       + f", master {results[s][0]['master_weights'] / 2**20:.2f} MiB" for s in ("0", "1", "2", "3")),
+                   args.note)
     return 0
 
 
