@@ -10,7 +10,7 @@ import time
 
 class MetricsLogger:
     def __init__(self, run_dir: str, *, tensorboard: bool = True, progress: bool = True, total_steps: int = 0,
-                 start_step: int = 0, enabled: bool = True, desc: str = "train"):
+                 start_step: int = 0, enabled: bool = True, desc: str = "train", keep_before_eval: bool = True):
         self.run_dir = run_dir
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -19,7 +19,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._truncate_after(start_step)
+        self._truncate_after(start_step, keep_before_eval)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -32,8 +32,9 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines a crashed run wrote after the checkpoint we resume from."""
+    def _truncate_after(self, step: int, keep_before_eval: bool = True) -> None:
+        """On resume, drop lines a crashed run wrote after the checkpoint we resume from (and its step-0 "before"
+        evaluation too when it will be run again: a run that crashed before its first checkpoint)."""
         if not os.path.exists(self.path):
             return
         keep = []
@@ -43,7 +44,8 @@ class MetricsLogger:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash
-                if rec.get("step", 0) <= step or (rec.get("kind") == "eval" and rec.get("step", 0) == 0):
+                before_eval = rec.get("kind") == "eval" and rec.get("step", 0) == 0
+                if keep_before_eval if before_eval else rec.get("step", 0) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

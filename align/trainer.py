@@ -446,7 +446,8 @@ class Trainer:
             log.info("%s already finished (%d steps); nothing to do", self.run_dir, self.total_steps)
             return self.summary
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                               total_steps=self.total_steps, start_step=self.step, enabled=self.is_main)
+                               total_steps=self.total_steps, start_step=self.step, enabled=self.is_main,
+                               keep_before_eval="before" in self.summary)
         self.logger = logger
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         if self.step == 0 and cfg.eval.before and self.evaluates and "before" not in self.summary:

@@ -231,3 +231,18 @@ def test_a_run_logs_only_to_its_own_train_log(tmp_path):
         h.flush()
     assert "first run" in (a / "train.log").read_text() and "second run" not in (a / "train.log").read_text()
     assert "second run" in (b / "train.log").read_text()
+
+
+def test_a_restart_before_the_first_checkpoint_logs_one_before_eval(tmp_path):
+    """A run killed before its first checkpoint left a step-0 "before" evaluation and some steps in metrics.jsonl;
+    starting again evaluates again, and the file then holds that evaluation once (plots and reports read it)."""
+    test_rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "answer": str(i + 1)} for i in range(4)]
+    cfg = tiny_config(tmp_path, eval={"prompts": write_jsonl(tmp_path / "test.jsonl", test_rows), "max_new_tokens": 4})
+    os.makedirs(cfg["run_dir"])
+    with open(os.path.join(cfg["run_dir"], "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 0, "kind": "eval", "accuracy": 0.5}) + "\n")
+        f.write(json.dumps({"step": 1, "kind": "train", "loss": 9.0}) + "\n")
+    trainer_for(cfg).fit()
+    records = [json.loads(line) for line in open(os.path.join(cfg["run_dir"], "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4]
+    assert all(r.get("loss") != 9.0 for r in records)
