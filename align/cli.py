@@ -142,11 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .prepared import PrepareError
 
+    from .distributed import shutdown
+
+    ok = False
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        ok = code == 0
+        return code
     except (ConfigError, DataError, PrepareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown(ok)  # multi-process runs (torchrun / deepspeed): leave the process group cleanly
 
 
 if __name__ == "__main__":

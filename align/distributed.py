@@ -84,7 +84,25 @@ def setup(cfg) -> Dist:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        global _started
+        _started = True
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+_started = False  # True when setup() started the process group (not when a caller or vLLM did)
+
+
+def shutdown(ok: bool) -> None:
+    """End this process's part of the group before it exits: after a successful command every rank meets at a barrier
+    (no rank tears down while another still talks to it), then the group is destroyed. Without this a rank that
+    reaches the interpreter's exit first can abort the launcher's other rank (SIGABRT in gloo's threads)."""
+    global _started
+    if not (_started and torch.distributed.is_initialized()):
+        return
+    _started = False
+    if ok:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _all_reduce(values: list[float], op, device: torch.device) -> list[float]:
