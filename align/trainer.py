@@ -284,20 +284,32 @@ class Trainer:
             batch.extras["old_logprobs"] = policy
         if not online:
             return {}
-        from .offpolicy import engine_mismatch
-
         if self.temperature != 1.0:  # engines report temperature-1 log-probs: compare like with like
             policy = self._logprobs_no_grad(self.model, batch, units, temperature=1.0)
-        mask, rows = batch.loss_mask, None  # rows another engine sampled (a reference / anchor) are not the policy's
-        if "reference_sample" in batch.extras:
-            rows = batch.extras["reference_sample"] < 0.5  # (B,)
-            mask = mask & rows[:, None]
-        metrics, batch.extras["tis_weight"] = engine_mismatch(policy, batch.extras["engine_logprobs"], mask,
-                                                              self.cfg.rollout.tis_cap)
-        if "weight_version" in batch.extras:  # updates the sampling weights had not received (sync_every > 1)
-            versions = batch.extras["weight_version"] if rows is None else batch.extras["weight_version"][rows]
-            metrics["mismatch/weight_lag"] = self.step - float(versions.mean())
+        metrics, batch.extras["tis_weight"] = self._engine_mismatch(policy, batch)
         return metrics
+
+    def _engine_mismatch(self, policy: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None):
+        """(mismatch metrics, (B, T) tis_weight) of the trainer's log-probs ``policy`` against the engine's, over the
+        policy's own samples of ``batch`` (its ``rows`` when given): rows another engine sampled (a reference or
+        anchor, ``reference_sample`` = 1) are left out, and ``mismatch/weight_lag`` counts the updates the sampling
+        weights had not received (sync_every > 1)."""
+        from .offpolicy import engine_mismatch
+
+        ex = batch.extras
+
+        def pick(t):
+            return t if rows is None else t[rows]
+
+        mask, own = pick(batch.loss_mask), None
+        if "reference_sample" in ex:
+            own = pick(ex["reference_sample"]) < 0.5  # (B,)
+            mask = mask & own[:, None]
+        metrics, tis = engine_mismatch(pick(policy), pick(ex["engine_logprobs"]), mask, self.cfg.rollout.tis_cap)
+        if "weight_version" in ex:
+            versions = pick(ex["weight_version"])
+            metrics["mismatch/weight_lag"] = self.step - float((versions if own is None else versions[own]).mean())
+        return metrics, tis
 
     def _old_from_update(self) -> bool:
         """One optimizer step per experience batch and a ``prepare`` that does not read π_old: the step's own forward
@@ -313,10 +325,7 @@ class Trainer:
         if "old_logprobs" in self.loss.needs:
             mb.extras["old_logprobs"] = lp
         if "engine_logprobs" in mb.extras:
-            from .offpolicy import engine_mismatch
-
-            _, mb.extras["tis_weight"] = engine_mismatch(lp, mb.extras["engine_logprobs"], mb.loss_mask,
-                                                         self.cfg.rollout.tis_cap)
+            _, mb.extras["tis_weight"] = self._engine_mismatch(lp, mb)
 
     # ---------------------------------------------------------------------------------- precomputed reference
     def _precomputed_reference(self, examples, name: str):
@@ -426,14 +435,8 @@ class Trainer:
                    loss_tokens=float(ctx.num_tokens), sequences=float(ctx.num_sequences))
         out["skipped"] = 0.0 if applied else 1.0
         if policy is not None:  # the engine-vs-trainer mismatch over this step's rows (as _fill_needs logs it)
-            from .offpolicy import engine_mismatch
-
-            sel = torch.as_tensor(rows_all, dtype=torch.long, device=policy.device)
-            mismatch, _ = engine_mismatch(policy[sel], batch.extras["engine_logprobs"][sel], batch.loss_mask[sel],
-                                          self.cfg.rollout.tis_cap)
-            out.update(mismatch)
-            if "weight_version" in batch.extras:  # as _fill_needs logs it (sync_every > 1)
-                out["mismatch/weight_lag"] = self.step - float(batch.extras["weight_version"].mean())
+            out.update(self._engine_mismatch(policy, batch, torch.as_tensor(rows_all, dtype=torch.long,
+                                                                            device=policy.device))[0])
         return out
 
     # ------------------------------------------------------------------------------------------------ the loop
