@@ -242,14 +242,18 @@ class Trainer:
                                     chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=with_entropy,
                                     temperature=temperature or self.temperature)
 
+    def _no_grad_plan(self, batch: Batch, units: list[list[int]], micro_batch_size: int | None = None):
+        """Micro-batches (row lists) of a no-grad pass over ``batch``, padded to the same count on every rank (ZeRO-3
+        gathers per module); padded micro-batches repeat rows, so writing their outputs again changes nothing."""
+        t = self.cfg.train
+        plan = plan_micro_batches(batch, units, micro_batch_size or t.micro_batch_size, t.micro_batch_tokens)
+        return distributed.pad_plan(plan, self.backend, _filler(batch, plan))[0]
+
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: Batch, units: list[list[int]],
                           micro_batch_size: int | None = None, temperature: float | None = None) -> torch.Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
-        t = self.cfg.train
-        plan = plan_micro_batches(batch, units, micro_batch_size or t.micro_batch_size, t.micro_batch_tokens)
-        plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))  # same forward count on every rank
-        for rows in plan:  # padded micro-batches repeat rows: writing them again changes nothing
+        for rows in self._no_grad_plan(batch, units, micro_batch_size):
             mb = batch.select(rows)
             _, lp, _ = self._forward(model, mb, temperature=temperature)
             out[torch.as_tensor(rows, device=out.device), : mb.seq_len] = lp
@@ -259,10 +263,7 @@ class Trainer:
     def _scores_no_grad(self, model, batch: Batch, units: list[list[int]]) -> torch.Tensor:
         """(B,) scores of a sequence-scoring model (loss output "scores"), with the same forwards on every rank."""
         out = torch.zeros(len(batch), dtype=torch.float32, device=batch.input_ids.device)
-        t = self.cfg.train
-        plan = plan_micro_batches(batch, units, t.micro_batch_size, t.micro_batch_tokens)
-        plan, _ = distributed.pad_plan(plan, self.backend, _filler(batch, plan))
-        for rows in plan:
+        for rows in self._no_grad_plan(batch, units):
             _, scores, _ = self._forward(model, batch.select(rows))
             out[torch.as_tensor(rows, device=out.device)] = scores
         return out
