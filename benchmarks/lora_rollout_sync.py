@@ -65,15 +65,10 @@ def logprob_gap(model, comps, k=8) -> float:
 
 
 def main(argv=None) -> int:
+    from rollout_throughput import add_workload_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=1536)
+    add_workload_args(p)
     p.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r, all linear layers)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--syncs", type=int, default=5, help="timed weight syncs per route")

@@ -59,8 +59,8 @@ def timed(engine, prompts, sampling, n):
     return sum(len(c.token_ids) for c in comps), dt
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The random Llama's shape and the generation workload (shared with benchmarks/lora_rollout_sync.py)."""
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
@@ -69,6 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--intermediate", type=int, default=1536)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(p)
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--hf-batch-size", type=int, default=64, help="prompts per transformers generate() call")
     p.add_argument("--seed", type=int, default=0)
