@@ -134,9 +134,10 @@ def run_eval(target: str, overrides: list[str], ref: str | None = None, out: str
 
 
 def _write_eval(result: dict, out: str) -> dict:
+    from .checkpoint import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_text(out, json.dumps(result, indent=2))  # an interrupted write never leaves half a file
     result["out"] = out
     return result
 
