@@ -308,6 +308,32 @@ def test_paths_exist(page):
     assert not missing, f"{page.relative_to(ROOT)} names paths that do not exist: {missing}"
 
 
+def _losses_sections() -> set[str]:
+    text = (ROOT / "docs" / "losses.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)*)\.?\s", text, re.M))
+
+
+def test_every_loss_is_in_the_math_page():
+    """docs/losses.md covers every registered loss (by its config name, in code font)."""
+    text = (ROOT / "docs" / "losses.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in _loss_options() if f"`{name}`" not in text)
+    assert not missing, f"docs/losses.md does not describe the losses {missing}"
+
+
+def test_sections_cited_from_code_exist():
+    """Every `docs/losses.md §N` (or the older `LOSSES.md §N`) cited in the code names a section of docs/losses.md."""
+    sections = _losses_sections()
+    assert {"0.1", "0.2", "1", "2.1", "6.3", "7.4", "8", "10"} <= sections, sorted(sections)
+    cited = set()
+    for folder in ("align", "losses", "rollouts", "benchmarks", "examples", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for m in re.finditer(r"(?:docs/losses|LOSSES)\.md\s*§\s*(\d+(?:\.\d+)*)", path.read_text(encoding="utf-8")):
+                cited.add((m.group(1), path.relative_to(ROOT).as_posix()))
+    assert cited, "no code cites docs/losses.md: the pattern above is out of date"
+    missing = sorted(f"§{n} ({where})" for n, where in cited if n not in sections)
+    assert not missing, f"cited but not in docs/losses.md: {missing}"
+
+
 def test_the_checks_catch_mistakes():
     """Each check, fed a broken line, reports it (so a passing run above means something)."""
     assert check_command(["trian", "examples/quickstart.yaml"])
