@@ -49,6 +49,11 @@ def _run_config_class():
     return RunConfig
 
 
+def _is_loss_config(cls) -> bool:
+    """Whether ``cls`` is the config class of the `loss:` section (its extra keys are the loss's options)."""
+    return cls.__name__ == "LossConfig"
+
+
 def _loss_options() -> dict[str, set[str]]:
     """Registered loss name -> the names of its options."""
     import losses
@@ -176,7 +181,7 @@ def check_dotted_key(key: str) -> list[str]:
     parts = key.split(".")
     cls = _run_config_class()
     for i, part in enumerate(parts):
-        if cls.__name__ == "LossConfig" and part not in _fields(cls):  # loss.X: an option of some loss
+        if _is_loss_config(cls) and part not in _fields(cls):  # loss.X: an option of some loss
             if not any(part in opts for opts in _loss_options().values()):
                 return [f"`{key}`: no loss has an option {part!r}"]
             return []
@@ -208,7 +213,7 @@ def check_mapping(cls, data, where: str) -> list[str]:
         if inner is not None:
             for item in (value if is_list and isinstance(value, list) else [value]):
                 problems += check_mapping(inner, item, path)
-    if cls.__name__ == "LossConfig":
+    if _is_loss_config(cls):
         options = _loss_options().get(data.get("name"))
         if options is not None:  # a registered loss: its options must exist (your own loss is not checked)
             problems += [f"loss `{data['name']}` has no option `{k}` ({where})" for k in data["options"]
