@@ -575,16 +575,16 @@ def test_every_configuration_raises_the_reward_of_a_toy_policy(name, options):
     assert after > 0.6, after
 
 
-def test_readme_rl_loss_examples_build():
-    """The YAML examples of the README's RL-losses section are valid loss configs."""
+def test_docs_rl_loss_examples_build():
+    """The YAML examples of docs/rl.md's RL-losses section are valid loss configs."""
     import os
 
     import yaml
 
     from align.config import LossConfig, build_loss
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    section = readme.split("## RL losses (KL-regularised policy gradient)")[1].split("\n## ")[0]
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "rl.md"), encoding="utf-8").read()
+    section = page.split("# RL losses (KL-regularised policy gradient)")[1].split("\n## ")[0]
     block = section.split("```yaml\n")[1].split("```")[0]
     entries = ["loss: " + e for e in block.strip().removeprefix("loss: ").split("\nloss: ")]
     assert len(entries) == 3
