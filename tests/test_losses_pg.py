@@ -491,7 +491,9 @@ def test_missing_or_misshapen_reward_is_a_clear_error():
     (dict(policy="rpg_reinforce", kl="rpg_ufkl"), "set reference: iterative"),
     (dict(policy="seq_ppo_clip", advantage="reinforce"), "needs one advantage per sequence"),
     (dict(kl="rpg_ufkl", beta=1e-4, reference="iterative"), "zero gradient; set minibatches > 1"),
-    (dict(epochs=0), "epochs and minibatches must be ≥ 1"),
+    (dict(epochs=0), "epochs must be a whole number >= 1"),  # the shared check of losses/options.py
+    (dict(minibatches=0), "minibatches must be a whole number >= 1"),
+    (dict(aggregation="mean"), "aggregation must be one of token_mean"),
     (dict(max_completion_length=0), "max_completion_length must be > 0"),
 ])
 def test_bad_options_are_rejected_with_the_reason(options, message):
