@@ -207,7 +207,7 @@ class KLPG(Loss):
 
     # ------------------------------------------------------------------------------------------ per micro-batch
     def __call__(self, logprobs, batch, ctx):
-        """Σ ℓ_{i,t} = PG_{i,t} + β·C·K_{i,t}, each reduced by the loss's aggregation (a sequence-level PG: by its own)."""
+        """agg(PG_{i,t}) + β·agg(C·K_{i,t}); a sequence-level PG term brings its own aggregation."""
         mask = batch.loss_mask
         if self.opt.max_completion_length is not None:
             ctx = dataclasses.replace(ctx, max_length=self.opt.max_completion_length)
