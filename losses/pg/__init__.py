@@ -6,7 +6,7 @@ advantage estimators · ``policy.py`` policy terms. ``objective.py`` composes th
 ``rloo.py``, ``reinforce_pp.py``, ``rpg.py``.
 """
 
-from . import grpo, dr_grpo, rloo, reinforce_pp, rpg  # noqa: F401, I001  (registers them, in `align losses` order)
+from . import grpo, dr_grpo, rloo, reinforce_pp, rpg  # noqa: F401  (registers them; this order is `align losses`'s)
 from .objective import REWARD_KEY, KLPG, KLPGOptions
 
 __all__ = ["KLPG", "KLPGOptions", "REWARD_KEY"]

@@ -30,11 +30,11 @@ class RLOO(KLPG):
 
         ℓ_i = −min(ρ_i Â_i, clip(ρ_i, 0.8, 1.2) Â_i),     ρ_i = π_θ(y_i)/π_old(y_i).
 
-    | symbol                      | option                                  | piece                         |
-    |-----------------------------|-----------------------------------------|-------------------------------|
-    | β Σ_t (s^old − s^ref)       | ``reward_kl: k1``, ``reward_beta: 0.05`` | ``kl.k1`` (in the reward)     |
-    | Â (leave-one-out)           | ``advantage: rloo``                     | ``advantages.rloo``           |
-    | −min(ρ_iÂ_i, clip(ρ_i)Â_i)  | ``policy: seq_ppo_clip``, ε = 0.2       | ``policy.sequence_ppo_clip``  |
+    | symbol                      | option                                   | piece                        |
+    |-----------------------------|------------------------------------------|------------------------------|
+    | β Σ_t (s^old − s^ref)       | ``reward_kl: k1``, ``reward_beta: 0.05`` | ``kl.k1`` (in the reward)    |
+    | Â (leave-one-out)           | ``advantage: rloo``                      | ``advantages.rloo``          |
+    | −min(ρ_iÂ_i, clip(ρ_i)Â_i)  | ``policy: seq_ppo_clip``, ε = 0.2        | ``policy.sequence_ppo_clip`` |
 
     No KL term in the loss (``kl: none``): it is in the reward. Oracle: TRL RLOO's advantage and loss, verl
     ``compute_rloo_outcome_advantage`` (tested).

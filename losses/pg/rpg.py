@@ -50,7 +50,7 @@ class RPGURKLOptions(RPGUFKLOptions):
 class RPGURKL(KLPG):
     """RPG-URKL (Zhang et al. 2025): as rpg_ufkl with the reverse unnormalised KL, β·(w(log w − 1) + 1).
 
-    Table 1's URKL surrogate β (w log w − w), shifted by the constant β so that it is 0 at w = 1 (``kl.rpg_urkl``).
+    ``kl: rpg_urkl``: Table 1's URKL surrogate β (w log w − w), shifted by β so that it is 0 at w = 1 (``kl.rpg_urkl``).
     Equal, under the iterative reference, to k3 with the non-detached ratio weight (C = ρ) — RPG's corrected GRPO KL.
     """
 
