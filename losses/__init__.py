@@ -8,7 +8,7 @@ from .batch import Batch
 from .reduce import AGGREGATIONS, aggregate, masked_mean
 from .registry import get_loss_class, register, registered
 
-from . import asft, bond, dpo, pg, psft, reward, simpo, sft  # noqa: F401  (registers built-in losses)
+from . import asft, bond, dpo, jbond, pg, psft, reward, simpo, sft  # noqa: F401  (registers built-in losses)
 
 __all__ = [
     "AGGREGATIONS", "NEEDS", "OUTPUTS", "Batch", "Loss", "LossContext", "OptionError", "aggregate", "check",

@@ -32,19 +32,19 @@ from dataclasses import dataclass
 import torch
 
 from .base import Loss, check
-from .reduce import AGGREGATIONS, Aggregation, masked_mean
+from .options import AggregationOption
+from .reduce import Aggregation, masked_mean
 from .registry import register
 
 
 @dataclass
-class AnchoredOptions:
+class AnchoredOptions(AggregationOption):
     kl_weight: float = 0.1  # λ on the full-vocabulary KL(π_ref‖π_θ) anchor (ASFT repo default; its README uses 0.05)
     aggregation: Aggregation = "token_mean"  # A1; "micro_token_mean" (A2) reproduces the ASFT repository exactly
 
     def validate(self) -> None:
         check(isinstance(self.kl_weight, (int, float)) and math.isfinite(self.kl_weight) and self.kl_weight >= 0,
               f"kl_weight (λ) must be a finite number >= 0, got {self.kl_weight!r}; 0 turns the anchor off")
-        check(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
 class _Anchored(Loss):

@@ -14,6 +14,10 @@ A loss is a small class::
             per_token = ...            # (B, T)
             return ctx.reduce(per_token, batch.loss_mask), {"beta": self.opt.beta}
 
+Options that several losses share (``aggregation``; ``epochs`` and ``minibatches`` for experience reuse) come from the
+mixins of ``losses/options.py``, which also check every ``Literal`` field when the Options are built; checks that tie
+fields together go in the Options' ``validate()``, which ``Loss.__init__`` calls.
+
 The trainer never branches on a loss's name: it reads ``needs``, ``output``, ``epochs`` and ``minibatches``, fills
 ``batch.extras`` and calls ``prepare`` once per experience batch and ``__call__`` once per micro-batch.
 

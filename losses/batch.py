@@ -30,9 +30,6 @@ class Batch:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
-    def is_per_token(self, key: str) -> bool:
-        return self.extras[key].dim() == 2
-
     def select(self, rows: torch.Tensor | list[int], crop: bool = True) -> "Batch":
         """Rows ``rows`` (in that order), cropped to their longest sequence when ``crop``."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
@@ -60,10 +57,6 @@ class Batch:
             group_ids=None if self.group_ids is None else self.group_ids.to(device),
             extras={k: v.to(device) for k, v in self.extras.items()},
         )
-
-    def seq_lengths(self) -> torch.Tensor:
-        """(B,) number of loss tokens per row."""
-        return self.loss_mask.sum(1)
 
     def pairs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split a per-row tensor into (chosen, rejected) halves.

@@ -19,7 +19,8 @@ e = #{j: r(y'_j) = r(y)} (ties counted explicitly):
   The unsmoothed BOND estimate (§7.3) is (b + e)/k.
 * ``add_one_cdf`` (vBoN, rycolab/vbon ``calc_bon_reward``): F̂(r) = (1 + b)/(M + 1), a strict inequality.
 
-Everything here is a function of rewards only: constants of the update (no gradient).
+Everything here is a function of rewards only: constants of the update (no gradient). ``reference_counts`` reads
+(b, e, k) from a batch, where the rollout side puts them (``ref_below``, ``ref_equal``, ``ref_count``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .batch import Batch
 
 
 def bon_log_ratio(p_lt: torch.Tensor, p_le: torch.Tensor, n: int) -> torch.Tensor:
@@ -78,6 +81,23 @@ def add_one_quantiles(below: torch.Tensor, equal: torch.Tensor, count: torch.Ten
 def add_one_cdf(below: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """vBoN's F̂(r) = (1 + #{r_j < r})/(M + 1) (rycolab/vbon, LOSSES.md §7.4); any shape."""
     return (below.to(torch.float64) + 1) / (count.to(torch.float64) + 1)
+
+
+COUNT_KEYS = ("ref_below", "ref_equal", "ref_count")  # per-sequence extras filled by the rollout side
+
+
+def reference_counts(batch: Batch, loss_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, e, k), each (B,) fp64: reference samples of the row's prompt with a lower / equal reward, and how many."""
+    missing = [k for k in COUNT_KEYS if k not in batch.extras]
+    if missing:
+        raise ValueError(f"loss '{loss_name}' needs batch.extras {list(COUNT_KEYS)} (how the sample's reward ranks "
+                         f"among reference samples of its prompt); missing {missing}. The trainer fills them for a loss "
+                         "that declares needs 'reference_rewards' in a `rollout:` run")
+    below, equal, count = (batch.extras[k].to(torch.float64) for k in COUNT_KEYS)
+    if bool((count < 1).any()) or bool((below + equal > count).any()):
+        raise ValueError(f"loss '{loss_name}': reference counts are inconsistent (need count ≥ 1 and below + equal ≤ "
+                         "count)")
+    return below, equal, count
 
 
 def bon_kl_bound(n: int) -> float:

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from .base import Loss, check
+from .options import AggregationOption, ReuseOptions
 from .pg.policy import ppo_clip
-from .reduce import AGGREGATIONS, Aggregation, masked_mean
+from .reduce import Aggregation, masked_mean
 from .registry import register
 
 
 @dataclass
-class PSFTOptions:
+class PSFTOptions(ReuseOptions, AggregationOption):
     eps_low: float = 0.2  # lower clip ε_low of ρ = π/π_old (inactive with Â = 1, kept for the PPO form)
     eps_high: float = 0.28  # upper clip ε_high: tokens with ρ > 1+ε_high get no gradient
     minibatches: int = 8  # optimizer steps per old-policy snapshot (experience batch = train.batch_size × this)
@@ -42,11 +43,6 @@ class PSFTOptions:
             v = getattr(self, name)
             check(isinstance(v, (int, float)) and 0.0 < v < 1.0,
                   f"{name} must lie strictly between 0 and 1 (the clip range is [1−eps_low, 1+eps_high]), got {v!r}")
-        for name in ("minibatches", "epochs"):
-            v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                  f"{name} must be a whole number >= 1, got {v!r}")
-        check(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
 @register("psft")

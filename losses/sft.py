@@ -13,19 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import Loss, check
-from .reduce import AGGREGATIONS, Aggregation, masked_mean
+from .base import Loss
+from .options import AggregationOption
+from .reduce import masked_mean
 from .registry import register
 
 
 @dataclass
-class SFTOptions:
-    aggregation: Aggregation = "token_mean"  # how per-token losses become one number (losses/reduce.py, A1–A5)
-
-    def validate(self) -> None:
-        check(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+class SFTOptions(AggregationOption):
+    """SFT's one option, ``aggregation`` (A1 token-mean by default)."""
 
 
 @register("sft")

@@ -23,7 +23,8 @@ from helpers import ctx_for
 from losses import Batch
 from losses.bon import (add_one_cdf, add_one_quantiles, bon_distribution, bon_kl, bon_kl_bound, bon_log_ratio,
                         expected_best_of_n, level_probabilities)
-from losses.bond import BOND, JBOND, VBoN, bon_ratio_reward, log_p_le_reward
+from losses.bond import BOND, VBoN, bon_ratio_reward, log_p_le_reward
+from losses.jbond import JBOND
 from losses.registry import get_loss_class
 from rollouts.reference_rewards import rank_counts
 

@@ -5,6 +5,7 @@ Gradients are autograd's, w.r.t. the policy log-prob s = log π_θ (every term d
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -491,7 +492,9 @@ def test_missing_or_misshapen_reward_is_a_clear_error():
     (dict(policy="rpg_reinforce", kl="rpg_ufkl"), "set reference: iterative"),
     (dict(policy="seq_ppo_clip", advantage="reinforce"), "needs one advantage per sequence"),
     (dict(kl="rpg_ufkl", beta=1e-4, reference="iterative"), "zero gradient; set minibatches > 1"),
-    (dict(epochs=0), "epochs and minibatches must be ≥ 1"),
+    (dict(epochs=0), "epochs must be a whole number >= 1"),  # the shared check of losses/options.py
+    (dict(minibatches=0), "minibatches must be a whole number >= 1"),
+    (dict(aggregation="mean"), "aggregation must be one of token_mean"),
     (dict(max_completion_length=0), "max_completion_length must be > 0"),
 ])
 def test_bad_options_are_rejected_with_the_reason(options, message):
@@ -591,3 +594,19 @@ def test_docs_rl_loss_examples_build():
     for entry in entries:
         options = yaml.safe_load(entry)["loss"]
         build_loss(LossConfig(name=options.pop("name"), options=options))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_method_docstring_names_its_own_defaults(name):
+    """Every ``option: value`` a method's docstring shows in its symbol → piece table is that method's default, and
+    every piece it names exists, so the equation a reader sees is the one the class runs."""
+    cls = losses.get_loss_class(name)
+    doc, defaults = cls.__doc__, cls.Options()
+    shown = re.findall(r"``(\w+): ([\w.+-]+)``", doc)
+    assert shown, name
+    for option, value in shown:
+        actual = getattr(defaults, option)
+        assert (str(actual) == value) if isinstance(actual, str) else actual == float(value), (name, option, value)
+    modules = {"advantages": adv_mod, "kl": kl_mod, "policy": pg}
+    for module, function in re.findall(r"``(advantages|kl|policy)\.(\w+)``", doc):
+        assert callable(getattr(modules[module], function, None)), (name, module, function)

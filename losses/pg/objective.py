@@ -13,20 +13,22 @@ For token t of completion i (loss mask m), minimise the aggregate of
 * Aggregation — the shared ``ctx.reduce`` (A1–A5); a sequence-level ratio averages over sequences (TRL RLOO).
 
 Stop-gradients: Â, s^old, s^ref and the reward are constants; the ratio and the KL-in-loss term carry gradients.
-The named presets (losses/pg/presets.py) are this class with the defaults of the method they reproduce.
+The named methods (grpo.py, dr_grpo.py, rloo.py, reinforce_pp.py, rpg.py) are this class with the pieces and
+defaults of the paper they reproduce; every option stays open to them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Callable, Literal
 
 import torch
 
 from ..base import Loss, LossContext, check
 from ..batch import Batch
-from ..reduce import AGGREGATIONS, Aggregation, masked_mean
+from ..options import AggregationOption, ReuseOptions
+from ..reduce import masked_mean
 from ..registry import register
 from . import policy as pg
 from .advantages import ESTIMATORS, OUTCOME_ESTIMATORS
@@ -43,7 +45,7 @@ KLWeightName = Literal["one", "ratio"]
 
 
 @dataclass
-class KLPGOptions:
+class KLPGOptions(ReuseOptions, AggregationOption):
     advantage: AdvantageName = "group_norm"  # Â: group_norm (GRPO), group_mean, rloo, batch_mean, reinforce(_baseline)
     std_eps: float = 1e-4  # ε of group_norm's (R − μ_g)/(σ_g + ε): TRL 1e-4, verl 1e-6
     reward_kl: RewardKLName = "none"  # KL in the reward, K(s_old − s_ref): summed (outcome Â), per token (reinforce*)
@@ -56,27 +58,29 @@ class KLPGOptions:
     beta: float = 0.0  # β of the KL in the loss (0: no KL term, no reference model)
     kl_weight: KLWeightName = "one"  # C: one (GRPO) or ratio = non-detached ρ (RPG; TRL use_bias_correction_kl)
     reference: ReferenceName = "fixed"  # KL-in-loss reference: fixed = π_ref (initial model), iterative = π_old (RPG)
-    aggregation: Aggregation = "token_mean"  # reduction of per-token terms, A1–A5 (losses/reduce.py)
     max_completion_length: int | None = None  # T_max of token_sum_norm (A5, Dr. GRPO); null = the data max_length
-    epochs: int = 1  # passes over each experience batch (PPO epochs; TRL num_iterations)
-    minibatches: int = 1  # optimizer steps per pass over train.batch_size × minibatches examples
+
+    @property
+    def rpg_policy(self) -> bool:
+        """An RPG-REINFORCE policy term, which carries the KL in its REINFORCE weight."""
+        return self.policy.startswith("rpg_reinforce")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """β·C·K is a term of the loss."""
+        return self.beta > 0 and self.kl != "none" and not self.rpg_policy
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """β_rew·K(s_old − s_ref) shapes the reward."""
+        return self.reward_beta > 0 and self.reward_kl != "none"
 
     def validate(self) -> None:
-        for name, tp in (("advantage", AdvantageName), ("policy", PolicyName), ("kl", KLName),
-                         ("reward_kl", RewardKLName), ("kl_weight", KLWeightName),
-                         ("reference", ReferenceName)):
-            value = getattr(self, name)
-            check(value in get_args(tp), f"{name} must be one of {', '.join(get_args(tp))}, got {value!r}")
-        check(self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        check(self.std_eps >= 0, f"std_eps must be ≥ 0, got {self.std_eps}")
-        check(self.beta >= 0, f"beta must be ≥ 0, got {self.beta}")
-        check(self.reward_beta >= 0, f"reward_beta must be ≥ 0, got {self.reward_beta}")
+        for name in ("std_eps", "beta", "reward_beta", "epsilon_high"):
+            check(getattr(self, name) >= 0, f"{name} must be ≥ 0, got {getattr(self, name)}")
         check(0 <= self.epsilon_low < 1, f"epsilon_low must be in [0, 1), got {self.epsilon_low}")
-        check(self.epsilon_high >= 0, f"epsilon_high must be ≥ 0, got {self.epsilon_high}")
         check(self.dual_clip is None or self.dual_clip > 1,
               f"dual_clip must be > 1 (or null for no dual clip), got {self.dual_clip}")
-        check(self.epochs >= 1 and self.minibatches >= 1,
-              f"epochs and minibatches must be ≥ 1, got {self.epochs} and {self.minibatches}")
         check(self.max_completion_length is None or self.max_completion_length > 0,
               f"max_completion_length must be > 0 (or null), got {self.max_completion_length}")
         check(not (self.beta > 0 and self.kl == "none"), f"beta = {self.beta} but kl is 'none'; pick a KL term "
@@ -86,7 +90,7 @@ class KLPGOptions:
               "reward_beta: 0")
         check(not (self.kl in RPG_KL and self.kl_weight == "ratio"),
               f"kl {self.kl!r} already carries the ratio w = π_θ/π_ref; use kl_weight: one")
-        if self.policy.startswith("rpg_reinforce"):
+        if self.rpg_policy:
             check(self.kl in RPG_KL, f"policy {self.policy!r} puts the KL in the REINFORCE weight; kl must be one "
                   f"of {', '.join(RPG_KL)}, got {self.kl!r}")
             check(self.reference == "iterative", f"policy {self.policy!r} uses π_old as the KL reference (RPG "
@@ -94,7 +98,7 @@ class KLPGOptions:
         if self.policy == "seq_ppo_clip":
             check(self.advantage in OUTCOME_ESTIMATORS, f"policy 'seq_ppo_clip' needs one advantage per "
                   f"sequence ({', '.join(OUTCOME_ESTIMATORS)}), got {self.advantage!r}")
-        if self.reference == "iterative" and self.beta > 0 and not self.policy.startswith("rpg_reinforce"):
+        if self.reference == "iterative" and self.kl_in_loss:
             check(self.epochs * self.minibatches > 1, "reference: iterative takes π_old as the KL reference, and "
                   "with epochs = minibatches = 1 every step is on-policy (π_θ = π_old), so the KL term has zero "
                   "gradient; set minibatches > 1 or epochs > 1 (RPG: 16 steps per rollout batch), or reference: fixed")
@@ -116,15 +120,34 @@ POLICIES: dict[str, Callable[..., pg.PolicyTerm]] = {
 def needs_for(opt: KLPGOptions) -> frozenset[str]:
     """What the trainer must provide: rewards and π_old always; π_ref only when a KL against it is used."""
     needs = {"rewards", "old_logprobs"}
-    kl_in_loss = opt.beta > 0 and opt.kl != "none" and not opt.policy.startswith("rpg_reinforce")
-    if (kl_in_loss and opt.reference == "fixed") or (opt.reward_beta > 0 and opt.reward_kl != "none"):
+    if (opt.kl_in_loss and opt.reference == "fixed") or opt.kl_in_reward:
         needs.add("ref_logprobs")
     return frozenset(needs)
 
 
+def checked_rewards(batch: Batch, loss_name: str) -> torch.Tensor:
+    """(B,) fp32 ``extras["reward"]``: one finite reward per completion, or a one-line error naming the rows."""
+    rewards = batch.extras.get(REWARD_KEY)
+    if rewards is None or rewards.dim() != 1 or rewards.shape[0] != len(batch):
+        got = "nothing" if rewards is None else f"shape {tuple(rewards.shape)}"
+        raise ValueError(f"loss '{loss_name}' needs batch.extras['{REWARD_KEY}'] of shape ({len(batch)},): one "
+                         f"scalar reward per completion, from a rollout source; got {got}")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()[:10]
+    if len(bad):
+        index = batch.extras.get("index")
+        rows = f" (dataset rows {index[bad].tolist()})" if index is not None else ""
+        raise ValueError(f"loss '{loss_name}': batch.extras['{REWARD_KEY}'] is NaN/inf at rows {bad.tolist()}"
+                         f"{rows}; every completion needs a finite reward: check the reward function")
+    return rewards.to(torch.float32)
+
+
 @register("kl_pg")
 class KLPG(Loss):
-    """KL-regularised policy gradient, every piece an option (LOSSES.md §6.3): advantage, policy term, KL placement."""
+    """KL-regularised policy gradient, every piece an option (LOSSES.md §6.3): advantage, policy term, KL placement.
+
+    The method's pieces, each a method a reader (or a subclass) finds by name: ``advantages`` (Â, once per
+    experience batch), ``policy_term`` (PG_{i,t}) and ``kl_term`` (C·K), reduced by ``ctx.reduce``.
+    """
 
     Options = KLPGOptions
     needs = needs_for(KLPGOptions())
@@ -141,55 +164,58 @@ class KLPG(Loss):
     @property
     def prepare_needs(self) -> frozenset[str]:
         """prepare reads the rewards, and π_old / π_ref only for a KL penalty in the reward."""
-        if self.opt.reward_beta > 0 and self.opt.reward_kl != "none":
+        if self.opt.kl_in_reward:
             return frozenset({"rewards", "old_logprobs", "ref_logprobs"} & self.needs)
         return frozenset({"rewards"})
+
+    # ------------------------------------------------------------------------------------------ the pieces
+    def advantages(self, batch: Batch) -> torch.Tensor:
+        """Â (B, T) from the rewards (B,), ``group_ids`` and the KL penalty in the reward β_rew·K(s_old − s_ref)."""
+        opt = self.opt
+        rewards = checked_rewards(batch, self.name)
+        penalty = None
+        if opt.kl_in_reward:
+            old, ref = batch.extras["old_logprobs"], batch.extras["ref_logprobs"]
+            penalty = opt.reward_beta * REWARD_KL[opt.reward_kl](old, ref).to(torch.float32)  # (B, T)
+        return ESTIMATORS[opt.advantage](rewards, batch.group_ids, batch.loss_mask, penalty, opt.std_eps)
+
+    def policy_term(self, logprobs: torch.Tensor, batch: Batch) -> pg.PolicyTerm:
+        """PG_{i,t}(θ) (B, T) against π_old, with the constant Â."""
+        if "advantages" not in batch.extras:
+            raise RuntimeError(f"loss '{self.name}': batch.extras has no 'advantages'; call loss.prepare(batch, ctx) "
+                               "on the experience batch first")
+        old, adv = batch.extras["old_logprobs"], batch.extras["advantages"]
+        return POLICIES[self.opt.policy](logprobs, old, adv, batch.loss_mask, self.opt)
+
+    def kl_term(self, logprobs: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """C·K(s − s^ref) (B, T) against π_ref (fixed) or π_old (iterative); None when the loss has no KL term."""
+        opt = self.opt
+        if not opt.kl_in_loss:
+            return None
+        old = batch.extras["old_logprobs"]
+        ref = batch.extras["ref_logprobs"] if opt.reference == "fixed" else old
+        kl_value = LOSS_KL[opt.kl](logprobs, ref)  # (B, T)
+        if opt.kl_weight == "ratio":
+            kl_value = kl_value * pg.log_ratio(logprobs, old).exp()  # C = ρ, differentiable
+        return kl_value
 
     # ------------------------------------------------------------------------------------------ per experience
     def prepare(self, batch: Batch, ctx: LossContext) -> Batch:
         """Â (B, T) into ``batch.extras["advantages"]``, from ``extras["reward"]`` (B,) and ``group_ids``."""
-        opt = self.opt
-        rewards = batch.extras.get(REWARD_KEY)
-        if rewards is None or rewards.dim() != 1 or rewards.shape[0] != len(batch):
-            got = "nothing" if rewards is None else f"shape {tuple(rewards.shape)}"
-            raise ValueError(f"loss '{self.name}' needs batch.extras['{REWARD_KEY}'] of shape ({len(batch)},): one "
-                             f"scalar reward per completion, from a rollout source; got {got}")
-        bad = (~torch.isfinite(rewards)).nonzero().flatten()[:10]
-        if len(bad):
-            index = batch.extras.get("index")
-            rows = f" (dataset rows {index[bad].tolist()})" if index is not None else ""
-            raise ValueError(f"loss '{self.name}': batch.extras['{REWARD_KEY}'] is NaN/inf at rows {bad.tolist()}"
-                             f"{rows}; every completion needs a finite reward: check the reward function")
-        mask = batch.loss_mask
-        rewards = rewards.to(torch.float32)
-        penalty = None
-        if opt.reward_beta > 0 and opt.reward_kl != "none":
-            old, ref = batch.extras["old_logprobs"], batch.extras["ref_logprobs"]
-            penalty = opt.reward_beta * REWARD_KL[opt.reward_kl](old, ref).to(torch.float32)  # (B, T)
-        advantages = ESTIMATORS[opt.advantage](rewards, batch.group_ids, mask, penalty, opt.std_eps)
-        return dataclasses.replace(batch, extras={**batch.extras, "advantages": advantages.to(torch.float32)})
+        advantages = self.advantages(batch).to(torch.float32)
+        return dataclasses.replace(batch, extras={**batch.extras, "advantages": advantages})
 
     # ------------------------------------------------------------------------------------------ per micro-batch
     def __call__(self, logprobs, batch, ctx):
-        opt = self.opt
+        """agg(PG_{i,t}) + β·agg(C·K_{i,t}); a sequence-level PG term brings its own aggregation."""
         mask = batch.loss_mask
-        if "advantages" not in batch.extras:
-            raise RuntimeError(f"loss '{self.name}': batch.extras has no 'advantages'; call loss.prepare(batch, ctx) "
-                               "on the experience batch first")
-        adv = batch.extras["advantages"]
-        old = batch.extras["old_logprobs"]
-        if opt.max_completion_length is not None:
-            ctx = dataclasses.replace(ctx, max_length=opt.max_completion_length)
-
-        term = POLICIES[opt.policy](logprobs, old, adv, mask, opt)
+        if self.opt.max_completion_length is not None:
+            ctx = dataclasses.replace(ctx, max_length=self.opt.max_completion_length)
+        term = self.policy_term(logprobs, batch)
         loss = ctx.reduce(term.loss, mask, term.reduce or self.aggregation)
-        kl_value = None
-        if opt.beta > 0 and opt.kl != "none" and not opt.policy.startswith("rpg_reinforce"):
-            ref = batch.extras["ref_logprobs"] if opt.reference == "fixed" else old
-            kl_value = LOSS_KL[opt.kl](logprobs, ref)  # (B, T)
-            if opt.kl_weight == "ratio":
-                kl_value = kl_value * pg.log_ratio(logprobs, old).exp()  # C = ρ, differentiable
-            loss = loss + opt.beta * ctx.reduce(kl_value, mask, self.aggregation)
+        kl_value = self.kl_term(logprobs, batch)
+        if kl_value is not None:
+            loss = loss + self.opt.beta * ctx.reduce(kl_value, mask, self.aggregation)
         return loss, self._metrics(logprobs.detach(), batch, term, kl_value)
 
     def _metrics(self, logp: torch.Tensor, batch: Batch, term: pg.PolicyTerm, kl_value) -> dict[str, float]:
